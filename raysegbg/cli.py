@@ -1,0 +1,104 @@
+"""`raysegbg` command line: train, eval, predict, data.
+
+Every handler validates its input before Ray starts; a `RaysegbgError` is printed as one line
+(`error: ...`) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from raysegbg.errors import RaysegbgError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from raysegbg.config import load_config, replace
+    from raysegbg.ray_train import fit, print_summary
+
+    cfg = load_config(args.config, args.set)
+    scaling = {}
+    if args.workers:
+        scaling["workers"] = args.workers
+    if args.gpu:
+        scaling["use_gpu"] = True
+    if args.name:
+        cfg = replace(cfg, logging={"name": args.name})
+    cfg = replace(cfg, scaling=scaling) if scaling else cfg
+    result = fit(cfg, address=args.address)
+    print_summary(result)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from raysegbg.inference import evaluate_run
+
+    metrics = evaluate_run(Path(args.run), args.split, args.checkpoint)
+    width = max(len(k) for k in metrics)
+    print(f"{'metric':<{width}}  value   ({args.split} split, {args.checkpoint} checkpoint)")
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from raysegbg.inference import predict_folder
+
+    count = predict_folder(Path(args.run), Path(args.input), Path(args.output))
+    print(f"wrote {count} masks to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raysegbg", description="Background-aware segmentation training on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run on Ray Train (local or a cluster)")
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--workers", type=int, help="number of Ray Train workers (DDP ranks)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, AMP on")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
+    p.add_argument("--name", help="run name; re-using a name resumes that run")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split")
+    p.add_argument("--run", required=True, help="run folder (<storage_path>/<name>)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="write PNG masks for a folder of images")
+    p.add_argument("--run", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_predict)
+
+    from raysegbg.data.commands import add_data_commands
+
+    add_data_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RaysegbgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

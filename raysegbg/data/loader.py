@@ -1,0 +1,165 @@
+"""Per-rank loading of Parquet shards with paired image+mask augmentation.
+
+The global batch order and every sample's augmentation are functions of (seed, epoch, position
+in the global batch) only, never of the rank: W workers see exactly the samples and crops that
+one worker would see for the same global batch, which is what makes runs comparable across
+cluster sizes (and testable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raysegbg.config import DataConfig
+from raysegbg.data.format import DatasetMeta, decode_png, read_meta, read_split
+from raysegbg.errors import RaysegbgError
+from raysegbg.methods.base import Batch
+
+PAD_MULTIPLE = 32  # smp encoders downsample up to 32x
+
+
+class SegDataset:
+    """One split of a dataset: PNG bytes in memory, decoded (and cached) on first use."""
+
+    def __init__(self, path: str | Path, split: str, *, labeled_only: bool = True, cache=True):
+        self.meta: DatasetMeta = read_meta(path)
+        table = read_split(path, split, columns=["id", "image", "mask"])
+        ids = table.column("id").to_pylist()
+        images = table.column("image").to_pylist()
+        masks = table.column("mask").to_pylist()
+        keep = [i for i, m in enumerate(masks) if m is not None or not labeled_only]
+        if not keep:
+            raise RaysegbgError(
+                f"split '{split}' of {path} has no labeled samples: import masks or "
+                "raise the labeled fraction"
+            )
+        self.split = split
+        self.ids = [ids[i] for i in keep]
+        self._images = [images[i] for i in keep]
+        self._masks = [masks[i] for i in keep]
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image float C×H×W in [-1, 1], mask long H×W with ignore_index where unknown)."""
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        item = self._decode(i)
+        if self._cache is not None:
+            self._cache[i] = item
+        return item
+
+    def _decode(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        what = f"'{self.ids[i]}'"
+        img = decode_png(self._images[i], what=f"image of {what}")
+        img = img[:, :, None] if img.ndim == 2 else img
+        image = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 127.5 - 1
+        if self._masks[i] is None:
+            mask = torch.full(image.shape[1:], self.meta.ignore_index, dtype=torch.long)
+        else:
+            mask = torch.from_numpy(np.array(decode_png(self._masks[i], what=f"mask of {what}"))).long()
+        return image, mask
+
+
+def augment(
+    image: torch.Tensor, mask: torch.Tensor, cfg: DataConfig, gen: torch.Generator, ignore: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random scale, crop (padding with ignore where the image ends) and flips, applied
+    identically to image and mask."""
+    u = torch.rand(4, generator=gen).tolist()
+    if cfg.augment and (cfg.scale_min, cfg.scale_max) != (1.0, 1.0):
+        scale = cfg.scale_min + u[0] * (cfg.scale_max - cfg.scale_min)
+        if scale != 1.0:
+            size = [max(1, round(s * scale)) for s in image.shape[1:]]
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+            mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+    if cfg.crop_size:
+        image, mask = _random_crop(image, mask, cfg.crop_size, (u[1], u[2]), ignore)
+    if cfg.augment and cfg.hflip and u[3] < 0.5:
+        image, mask = image.flip(-1), mask.flip(-1)
+    if cfg.augment and cfg.vflip and torch.rand(1, generator=gen).item() < 0.5:
+        image, mask = image.flip(-2), mask.flip(-2)
+    return image, mask
+
+
+def _random_crop(image, mask, size: int, u: tuple[float, float], ignore: int):
+    h, w = image.shape[1:]
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph))
+        mask = F.pad(mask, (0, pw, 0, ph), value=ignore)
+        h, w = image.shape[1:]
+    top, left = int(u[0] * (h - size + 1)), int(u[1] * (w - size + 1))
+    return image[:, top : top + size, left : left + size], mask[top : top + size, left : left + size]
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor]], ignore: int):
+    """Stack, padding every sample to a common size divisible by the encoder's stride."""
+    h = max(i.shape[1] for i, _ in items)
+    w = max(i.shape[2] for i, _ in items)
+    h, w = -(-h // PAD_MULTIPLE) * PAD_MULTIPLE, -(-w // PAD_MULTIPLE) * PAD_MULTIPLE
+    images = torch.zeros(len(items), items[0][0].shape[0], h, w)
+    masks = torch.full((len(items), h, w), ignore, dtype=torch.long)
+    for k, (img, m) in enumerate(items):
+        images[k, :, : img.shape[1], : img.shape[2]] = img
+        masks[k, : m.shape[0], : m.shape[1]] = m
+    return images, masks
+
+
+@dataclass
+class TrainLoader:
+    """Yields this rank's slice of every global batch of one epoch."""
+
+    dataset: SegDataset
+    cfg: DataConfig
+    global_batch: int
+    steps: int  # optimisation steps per epoch
+    seed: int
+    rank: int = 0
+    world: int = 1
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        per_rank = self.global_batch // self.world
+        order = self._order(epoch)
+        for step in range(self.steps):
+            first = step * self.global_batch + self.rank * per_rank
+            positions = range(first, first + per_rank)
+            yield self._batch(epoch, [(p, int(order[p % len(order)])) for p in positions])
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        n = len(self.dataset)
+        reps = -(-self.steps * self.global_batch // n)
+        return torch.cat([torch.randperm(n, generator=gen) for _ in range(reps)])
+
+    def _batch(self, epoch: int, picks: list[tuple[int, int]]) -> Batch:
+        ignore = self.dataset.meta.ignore_index
+        items = []
+        for position, index in picks:
+            key = (self.seed * 1_000_003 + epoch) * 10_000_019 + position
+            gen = torch.Generator().manual_seed(key % (2**63))
+            image, mask = self.dataset[index]
+            items.append(augment(image, mask, self.cfg, gen, ignore))
+        images, masks = collate(items, ignore)
+        return Batch(images, masks, [self.dataset.ids[i] for _, i in picks])
+
+
+def eval_batches(dataset: SegDataset, batch_size: int, rank: int = 0, world: int = 1):
+    """This rank's strided share of a split, unaugmented, in fixed order."""
+    mine = list(range(rank, len(dataset), world))
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        images, masks = collate([dataset[i] for i in chunk], dataset.meta.ignore_index)
+        yield Batch(images, masks, [dataset.ids[i] for i in chunk])
+
+
+def steps_per_epoch(n: int, global_batch: int, configured: int) -> int:
+    return configured if configured > 0 else max(1, n // global_batch)

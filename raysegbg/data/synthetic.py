@@ -1,0 +1,263 @@
+"""Seeded synthetic datasets, each built to show one failure mode of background-unaware models.
+
+Every generator is vectorised numpy over a batch: `fn(rng, n, size) -> (images, masks)` with
+images `(n, size, size, channels)` uint8 and masks `(n, size, size)` uint8 class ids. The same
+seed gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raysegbg.data.format import DatasetMeta, Sample, assign_splits, write_dataset
+from raysegbg.errors import RaysegbgError
+
+Batch = tuple[np.ndarray, np.ndarray]
+_CHUNK = 128
+FG_RGB = np.array([200.0, 55.0, 45.0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """A generator function plus the dataset metadata it implies."""
+
+    fn: Callable[[np.random.Generator, int, int], Batch]
+    classes: tuple[str, ...]
+    channels: int
+    summary: str
+
+    def __call__(self, rng: np.random.Generator, n: int, size: int) -> Batch:
+        return self.fn(rng, n, size)
+
+
+# ---------------------------------------------------------------- geometry helpers
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in [0, 1), shaped (1, H, W) for broadcasting over a batch."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    return c[None, :, None], c[None, None, :]
+
+
+def _uniform(rng: np.random.Generator, lo: float, hi: float, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.uniform(lo, hi, shape).astype(np.float32)[..., None, None]
+
+
+def _rotated(rng: np.random.Generator, n: int, size: int, lo: float, hi: float):
+    """Per-image shape frame: coordinates (u, v) relative to a random centre and angle."""
+    yy, xx = _grid(size)
+    cy, cx = _uniform(rng, lo, hi, (n,)), _uniform(rng, lo, hi, (n,))
+    theta = _uniform(rng, 0, np.pi, (n,))
+    dy, dx = yy - cy, xx - cx
+    return dx * np.cos(theta) + dy * np.sin(theta), -dx * np.sin(theta) + dy * np.cos(theta)
+
+
+def _ellipse(rng: np.random.Generator, n: int, size: int, lo: float, hi: float) -> np.ndarray:
+    """Normalised squared radius (n, H, W) of one random ellipse per image; inside where <= 1."""
+    u, v = _rotated(rng, n, size, 0.2, 0.8)
+    a, b = _uniform(rng, lo, hi, (n,)), _uniform(rng, lo, hi, (n,))
+    return (u / a) ** 2 + (v / b) ** 2
+
+
+def _square(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    u, v = _rotated(rng, n, size, 0.2, 0.8)
+    return np.maximum(np.abs(u), np.abs(v)) <= _uniform(rng, 0.08, 0.16, (n,))
+
+
+def _triangle(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    u, v = _rotated(rng, n, size, 0.2, 0.8)
+    inradius = _uniform(rng, 0.06, 0.11, (n,))
+    dist = [u * np.cos(a) + v * np.sin(a) for a in (np.pi / 2, 7 * np.pi / 6, 11 * np.pi / 6)]
+    return np.max(dist, axis=0) <= inradius
+
+
+def _blobs(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """1-3 ellipses per image: (inside mask, smooth shading in [0.7, 1])."""
+    count = rng.integers(1, 4, n)
+    r2 = np.stack([_ellipse(rng, n, size, 0.08, 0.2) for _ in range(3)], axis=1)
+    r2 = np.where((np.arange(3)[None, :] < count[:, None])[..., None, None], r2, np.inf)
+    nearest = r2.min(axis=1)
+    return nearest <= 1.0, 1.0 - 0.3 * np.clip(nearest, 0, 1)
+
+
+# ---------------------------------------------------------------- textures, (n, H, W, 3) in 0..255
+
+
+def _waves(rng: np.random.Generator, n: int, size: int, lo: float, hi: float) -> np.ndarray:
+    """A random plane sinusoid in [0, 1] per image, `lo`-`hi` cycles across the image."""
+    u, _ = _rotated(rng, n, size, 0.0, 1.0)
+    freq = _uniform(rng, lo, hi, (n,))
+    return 0.5 + 0.5 * np.sin(2 * np.pi * freq * u + _uniform(rng, 0, 6.3, (n,)))
+
+
+def _colour(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
+    return rng.uniform(lo, hi, (n, 1, 1, 3)).astype(np.float32)
+
+
+def _dark_smooth(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    return _colour(rng, n, 15, 70) + 25 * _waves(rng, n, size, 0.5, 1.5)[..., None]
+
+
+def _bright_noise(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    grey = rng.uniform(150, 210, (n, 1, 1, 1)).astype(np.float32)
+    return grey + rng.uniform(-45, 45, (n, size, size, 3)).astype(np.float32)
+
+
+def _stripes(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    a, b = _colour(rng, n, 60, 140), _colour(rng, n, 120, 220)
+    a[..., 0] *= 0.5  # keep stripes away from the red foreground hue
+    t = _waves(rng, n, size, 2, 6)[..., None]
+    return a * t + b * (1 - t)
+
+
+def _distractor(rng: np.random.Generator, n: int, size: int, fg: np.ndarray) -> np.ndarray:
+    """The foreground's colour with a 2-px checker texture: same hue, different texture."""
+    yy, xx = np.indices((size, size))
+    checker = ((yy // 2 + xx // 2) % 2).astype(np.float32)[None, :, :, None]
+    return fg * (0.45 + 0.55 * checker) + rng.normal(0, 8, (n, size, size, 3)).astype(np.float32)
+
+
+def _patchwork(rng: np.random.Generator, modes: list[np.ndarray], cells: int = 7) -> np.ndarray:
+    """Voronoi cells, each filled by one mode; every mode appears in every image."""
+    n, size = modes[0].shape[:2]
+    yy, xx = _grid(size)
+    seeds = rng.random((n, cells, 2), dtype=np.float32)
+    dist = (yy[:, None] - seeds[:, :, 0, None, None]) ** 2
+    dist = dist + (xx[:, None] - seeds[:, :, 1, None, None]) ** 2
+    cell = dist.argmin(axis=1)
+    cell_mode = np.argsort(rng.random((n, cells)), axis=1) % len(modes)
+    pixel_mode = np.take_along_axis(cell_mode, cell.reshape(n, -1), axis=1).reshape(cell.shape)
+    return np.choose(pixel_mode[..., None], modes)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- generators
+
+
+def _hetero_bg(rng: np.random.Generator, n: int, size: int) -> Batch:
+    fg = FG_RGB + _colour(rng, n, -15, 15)
+    modes = [_dark_smooth(rng, n, size), _bright_noise(rng, n, size), _stripes(rng, n, size)]
+    bg = _patchwork(rng, [*modes, _distractor(rng, n, size, fg)])
+    inside, shade = _blobs(rng, n, size)
+    obj = fg * shade[..., None] + rng.normal(0, 3, bg.shape).astype(np.float32)
+    return _to_uint8(np.where(inside[..., None], obj, bg)), inside.astype(np.uint8)
+
+
+def _multiclass(rng: np.random.Generator, n: int, size: int) -> Batch:
+    modes = [_dark_smooth(rng, n, size), _bright_noise(rng, n, size), _stripes(rng, n, size)]
+    img, mask = _patchwork(rng, modes), np.zeros((n, size, size), np.uint8)
+    for draw in range(3):
+        kind = rng.integers(1 if draw == 0 else 0, 4, n)[:, None, None]  # 0 = no object
+        r2 = _ellipse(rng, n, size, 0.07, 0.15)
+        disc = np.float32([60, 100, 220]) * (1 - 0.3 * np.clip(r2, 0, 1))[..., None]
+        stripe = _waves(rng, n, size, 5, 8)[..., None]
+        square = np.float32([230, 200, 40]) * (0.5 + 0.5 * stripe)
+        dots = (np.indices((size, size)).sum(0) % 3 == 0)[None, :, :, None]
+        tri = np.where(dots, 250.0, 130.0) * np.float32([0.9, 0.3, 0.9])
+        shapes = [(1, r2 <= 1, disc), (2, _square(rng, n, size), square)]
+        for cls, inside, look in [*shapes, (3, _triangle(rng, n, size), tri)]:
+            hit = inside & (kind == cls)
+            img, mask = np.where(hit[..., None], look, img), np.where(hit, cls, mask)
+    return _to_uint8(img), mask.astype(np.uint8)
+
+
+def _varying_contrast(rng: np.random.Generator, n: int, size: int) -> Batch:
+    inside, shade = _blobs(rng, n, size)
+    texture = 90 + 20 * _waves(rng, n, size, 1, 3) + rng.normal(0, 6, (n, size, size))
+    contrast = 45 * shade * inside
+    illum = 0.25 + 0.75 * _waves(rng, n, size, 0.3, 0.6)
+    return _to_uint8(illum * (texture + contrast))[..., None], inside.astype(np.uint8)
+
+
+def _cooccur(rng: np.random.Generator, n: int, size: int) -> Batch:
+    yy, xx = _grid(size)
+    level = _uniform(rng, 0.35, 0.6, (n,))
+    horizon = level + 0.04 * np.sin(12 * xx + _uniform(rng, 0, 6.3, (n,)))
+    ripple = 0.5 + 0.5 * np.sin(2 * np.pi * 9 * yy + 3 * np.sin(6 * xx) + horizon * 40)
+    water = np.float32([30, 80, 160]) + 40 * ripple[..., None]
+    land = _patchwork(rng, [_dark_smooth(rng, n, size), _bright_noise(rng, n, size)], cells=4)
+    bg = np.where((yy > horizon)[..., None], water, land)
+    u, v = _rotated(rng, n, size, 0.0, 1.0)
+    cy, cx = level + _uniform(rng, 0.14, 0.28, (n,)), _uniform(rng, 0.25, 0.75, (n,))
+    a, b = _uniform(rng, 0.1, 0.2, (n,)), _uniform(rng, 0.04, 0.07, (n,))
+    inside = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
+    boat = np.float32([235, 140, 30]) + 10 * u[..., None] + 10 * v[..., None]
+    return _to_uint8(np.where(inside[..., None], boat, bg)), inside.astype(np.uint8)
+
+
+GENERATORS: dict[str, GeneratorSpec] = {
+    "hetero_bg": GeneratorSpec(
+        _hetero_bg,
+        ("background", "foreground"),
+        3,
+        "shaded red blobs on a Voronoi patchwork of dark, noisy, striped and red-checker cells",
+    ),
+    "multiclass": GeneratorSpec(
+        _multiclass,
+        ("background", "disc", "square", "triangle"),
+        3,
+        "shaded discs, striped squares and dotted triangles on a heterogeneous patchwork",
+    ),
+    "varying_contrast": GeneratorSpec(
+        _varying_contrast,
+        ("background", "foreground"),
+        1,
+        "grayscale blobs whose contrast fades with a smooth illumination field",
+    ),
+    "cooccur": GeneratorSpec(
+        _cooccur,
+        ("background", "boat"),
+        3,
+        "orange boats that always sit on rippled water: background co-occurring with the class",
+    ),
+}
+
+
+def _samples(name: str, spec: GeneratorSpec, n: int, size: int, seed: int, splits: list[str]):
+    rng = np.random.default_rng([seed, 0])
+    for start in range(0, n, _CHUNK):
+        images, masks = spec(rng, min(_CHUNK, n - start), size)
+        for k in range(len(images)):
+            i = start + k
+            yield Sample(f"{name}_{i:05d}", splits[i], images[k], masks[k])
+
+
+def make_dataset(
+    name: str,
+    out_dir: Path,
+    *,
+    n: int = 1000,
+    size: int = 64,
+    seed: int = 0,
+    labeled_fraction: float = 1.0,
+    val: float = 0.1,
+    test: float = 0.1,
+    overwrite: bool = False,
+) -> DatasetMeta:
+    """Generate the built-in dataset `name` and write it to `out_dir`."""
+    if name not in GENERATORS:
+        raise RaysegbgError(f"unknown generator {name!r}: choose one of {', '.join(GENERATORS)}")
+    if n < 1 or size < 16:
+        raise RaysegbgError(f"n={n}, size={size} are too small: use n >= 1 and size >= 16")
+    spec = GENERATORS[name]
+    splits = assign_splits(n, val, test, seed)
+    params = {"n": n, "size": size, "val": val, "test": test}
+    provenance = {"generator": name, "params": params, "seed": seed, "summary": spec.summary}
+    return write_dataset(
+        out_dir,
+        _samples(name, spec, n, size, seed, splits),
+        name=name,
+        classes=list(spec.classes),
+        channels=spec.channels,
+        provenance=provenance,
+        labeled_fraction=labeled_fraction,
+        seed=seed,
+        overwrite=overwrite,
+    )

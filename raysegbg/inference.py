@@ -1,0 +1,91 @@
+"""`eval` and `predict`: load a run's best checkpoint in-process and apply it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from raysegbg.checkpoint import load_state, pick_checkpoint
+from raysegbg.config import Config, load_config
+from raysegbg.data.format import DatasetMeta, read_meta
+from raysegbg.data.loader import PAD_MULTIPLE, SegDataset, eval_batches
+from raysegbg.errors import RaysegbgError
+from raysegbg.methods.base import Method
+from raysegbg.metrics import confusion, summarize
+from raysegbg.train import build_method
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def load_run(run_dir: Path, which: str = "best") -> tuple[Config, DatasetMeta, Method, Path]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RaysegbgError(
+            f"{run_dir} is not a raysegbg run folder (no config.yaml): pass the folder printed "
+            "by `raysegbg train`"
+        )
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt = pick_checkpoint(run_dir, which, cfg.logging.score)
+    meta = read_meta(cfg.data.path)
+    method = build_method(cfg, meta.num_classes, meta.channels, meta.ignore_index)
+    method.load_state_dict(load_state(ckpt)["method"])
+    return cfg, meta, method.eval(), ckpt
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: Path, split: str = "test", which: str = "best") -> dict[str, float]:
+    cfg, meta, method, ckpt = load_run(run_dir, which)
+    dataset = SegDataset(cfg.data.path, split)
+    cm = torch.zeros(meta.num_classes, meta.num_classes, dtype=torch.long)
+    for batch in eval_batches(dataset, cfg.train.val_batch_size):
+        pred = method.predict(batch.images).argmax(1)
+        cm += confusion(pred, batch.masks, meta.num_classes, meta.ignore_index)
+    out = summarize(cm.numpy(), meta.classes)
+    out["samples"] = float(len(dataset))
+    return out
+
+
+def _load_image(path: Path, channels: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise RaysegbgError(f"cannot read image {path}: {exc}; remove or replace it") from None
+
+
+@torch.no_grad()
+def predict_folder(run_dir: Path, input_dir: Path, output_dir: Path) -> int:
+    """Write one PNG class-id mask per input image; the folder appears complete or not at all."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input_dir.is_dir() else []
+    if not files:
+        raise RaysegbgError(f"no images (.png/.jpg/...) in {input_dir}: pass a folder of images")
+    _, meta, method, _ = load_run(run_dir)
+    images = [_load_image(p, meta.channels) for p in files]  # all readable before any write
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    for path, arr in zip(files, images, strict=True):
+        mask = _predict_one(method, arr)
+        Image.fromarray(mask).save(tmp / f"{path.stem}.png")
+    if output_dir.exists():
+        for p in tmp.iterdir():
+            os.replace(p, output_dir / p.name)
+        tmp.rmdir()
+    else:
+        os.replace(tmp, output_dir)
+    return len(files)
+
+
+def _predict_one(method: Method, arr: np.ndarray) -> np.ndarray:
+    img = arr[:, :, None] if arr.ndim == 2 else arr
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None] / 127.5 - 1
+    h, w = x.shape[2:]
+    ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
+    x = torch.nn.functional.pad(x, (0, pw, 0, ph))
+    pred = method.predict(x).argmax(1)[0, :h, :w]
+    return pred.to(torch.uint8).numpy()

@@ -1,0 +1,50 @@
+"""Run the training loop in this process, without Ray (tests, benchmarks, debugging).
+
+Checkpoints land in the run folder exactly where Ray Train would put them, so `eval`,
+`predict` and resuming work the same way.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from raysegbg.checkpoint import list_checkpoints, load_state
+from raysegbg.config import Config, save_config
+from raysegbg.train import WorkerContext, train_worker
+
+
+class LocalHost:
+    """The host side of a WorkerContext for a single local process."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.reports: list[dict[str, float]] = []
+
+    def report(self, metrics: dict[str, float], checkpoint: Path | None, name: str) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint is not None:
+            target = self.run_dir / name
+            tmp = self.run_dir / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint, tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+
+    def restore(self) -> dict[str, Any] | None:
+        found = list_checkpoints(self.run_dir)
+        return load_state(max(found, key=lambda f: f[1]["epoch"])[0]) if found else None
+
+    def context(self, **kwargs: Any) -> WorkerContext:
+        return WorkerContext(
+            run_dir=self.run_dir, report=self.report, restore=self.restore, **kwargs
+        )
+
+
+def train_local(cfg: Config, run_dir: Path, **kwargs: Any) -> tuple[dict[str, float], LocalHost]:
+    """Train (or resume) a run in-process; returns the last metrics and the host."""
+    host = LocalHost(run_dir)
+    host.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, host.run_dir / "config.yaml")
+    return train_worker(cfg, host.context(**kwargs)), host

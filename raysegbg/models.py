@@ -1,0 +1,152 @@
+"""Model factory over segmentation-models-pytorch (wrap smp, never re-implement models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from raysegbg import dist
+from raysegbg.config import ModelConfig
+from raysegbg.errors import RaysegbgError
+
+
+def architectures() -> list[str]:
+    return sorted(smp.MODEL_ARCHITECTURES_MAPPING)
+
+
+def encoders() -> list[str]:
+    return sorted(smp.encoders.get_encoder_names())
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Unknown names fail here, listing the valid ones, before any worker starts."""
+    if cfg.arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        raise RaysegbgError(
+            f"unknown model.arch '{cfg.arch}': choose one of {', '.join(architectures())}"
+        )
+    if not cfg.encoder.startswith("tu-") and cfg.encoder not in smp.encoders.encoders:
+        raise RaysegbgError(
+            f"unknown model.encoder '{cfg.encoder}': choose one of {', '.join(encoders())} "
+            "or a timm encoder as 'tu-<name>'"
+        )
+    if cfg.weights_path and not Path(cfg.weights_path).is_file():
+        raise RaysegbgError(f"model.weights_path {cfg.weights_path} does not exist: fix the path")
+
+
+def build_model(cfg: ModelConfig, in_channels: int, classes: int) -> nn.Module:
+    """An smp model with `classes` output channels; weights come from a local file only."""
+    check_model_config(cfg)
+    kwargs: dict = {"encoder_depth": cfg.encoder_depth}
+    if cfg.arch.lower() in ("unet", "unetplusplus", "manet"):
+        kwargs["decoder_channels"] = tuple(cfg.decoder_channels)
+    try:
+        model = smp.create_model(
+            cfg.arch,
+            encoder_name=cfg.encoder,
+            encoder_weights=cfg.encoder_weights,
+            in_channels=in_channels,
+            classes=classes,
+            **kwargs,
+        )
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RaysegbgError(f"cannot build {cfg.arch}/{cfg.encoder}: {msg}") from None
+    if cfg.weights_path:
+        load_weights(model, Path(cfg.weights_path))
+    freeze_unused(model, in_channels)
+    return model
+
+
+def freeze_unused(model: nn.Module, in_channels: int, size: int = 64) -> list[str]:
+    """Stop training parameters the forward pass never reaches (e.g. the deepest encoder
+    stage when encoder_depth < 5): DDP would otherwise wait forever for their gradients."""
+    was_training = model.training
+    model.eval()  # leave BatchNorm running statistics untouched
+    model.zero_grad(set_to_none=True)
+    model(torch.zeros(1, in_channels, size, size)).float().sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, param in model.named_parameters():
+        param.grad = None
+        if name in unused:
+            param.requires_grad_(False)
+    model.train(was_training)
+    return unused
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a full-model state dict, or an encoder-only one (keys without 'encoder.')."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    target = model
+    if not any(k.startswith("encoder.") for k in state) and hasattr(model, "encoder"):
+        target = model.encoder
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if unexpected or len(missing) == len(target.state_dict()):
+        raise RaysegbgError(
+            f"weights in {path} do not match {type(target).__name__}: "
+            f"{len(unexpected)} unexpected keys, {len(missing)} missing"
+        )
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics cover the global batch on every backend.
+
+    torch's SyncBatchNorm runs on GPUs only; this one sums moments with a differentiable
+    all-reduce (gloo or NCCL), so W CPU workers normalise exactly like one worker would.
+    """
+
+    group = None  # set by convert_global_bn: a process group of its own (see dist)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.world_size() > 1):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
+        moments = torch.cat([x.sum(dims), (x * x).sum(dims), count])
+        moments = dist.differentiable_sum(moments, self.group)
+        c = x.shape[1]
+        n = moments[-1]
+        mean = moments[:c] / n
+        var = (moments[c : 2 * c] / n - mean * mean).clamp_min(0.0)
+        self._update_running(mean.detach(), var.detach() * n / (n - 1).clamp_min(1.0))
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked += 1
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+        self.running_var.mul_(1 - m).add_(var, alpha=m)
+
+
+def convert_global_bn(module: nn.Module, use_gpu: bool) -> nn.Module:
+    """Swap BatchNorm layers for cross-rank ones (torch's on GPU, ours on CPU)."""
+    if use_gpu:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    _swap_bn(module, dist.new_group())
+    return module
+
+
+def _swap_bn(module: nn.Module, group) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):
+            new = GlobalBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine,
+                child.track_running_stats,
+            )
+            new.load_state_dict(child.state_dict())
+            if child.affine:  # keep parameters frozen by freeze_unused frozen
+                new.weight.requires_grad_(child.weight.requires_grad)
+                new.bias.requires_grad_(child.bias.requires_grad)
+            new.group = group
+            setattr(module, name, new)
+        else:
+            _swap_bn(child, group)

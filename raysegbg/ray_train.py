@@ -1,0 +1,188 @@
+"""Ray glue for training: start/join Ray, run `train_worker` in a TorchTrainer, collect results.
+
+The only training module that imports Ray, so a Ray API change touches this file (and `tune`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from raysegbg.config import Config, from_dict, replace, save_config, to_dict
+from raysegbg.errors import RaysegbgError
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]  # last epoch's
+    best_checkpoint: Path | None
+    seconds: float
+
+
+def resolve_run(cfg: Config, method_tag: str | None = None) -> Config:
+    """Absolute storage path and a concrete run name, decided once on the driver."""
+    name = cfg.logging.name or f"{method_tag or cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = cfg.logging.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return replace(cfg, logging={"name": name, "storage_path": storage})
+
+
+def preflight(cfg: Config, address: str | None) -> None:
+    """Everything that can be checked without Ray, so bad input fails in a second."""
+    from raysegbg.data.format import read_meta, read_split
+    from raysegbg.models import check_model_config
+
+    check_model_config(cfg.model)
+    read_meta(cfg.data.path)
+    for split in ("train", cfg.data.val_split):
+        read_split(cfg.data.path, split, columns=["id"])
+    if address:
+        check_address(address)
+
+
+def check_address(address: str, timeout: float = 3.0) -> None:
+    """Fail fast (one line) when a cluster address does not answer."""
+    if address in ("auto", "local"):
+        return
+    url = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = url.hostname, url.port or (10001 if url.scheme == "ray" else 6379)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise RaysegbgError(
+            f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}): start one with "
+            "`ray start --head` or leave out --address to train on a local Ray"
+        ) from None
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join `address`, or start a private local Ray (dashboard on 127.0.0.1)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+
+
+def _worker_entry(loop_config: dict[str, Any]) -> None:
+    """Runs inside every Ray Train worker."""
+    import ray.train
+    import torch
+
+    from raysegbg.train import WorkerContext, train_worker
+
+    cfg = from_dict(loop_config["config"])
+    torch.set_num_threads(loop_config["threads"])
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    ctx = WorkerContext(
+        run_dir=Path(loop_config["run_dir"]),
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=device,
+        report=_ray_report,
+        restore=_ray_restore,
+        log=lambda line: print(line, flush=True),
+    )
+    train_worker(cfg, ctx)
+
+
+def _ray_report(metrics: dict[str, float], checkpoint_dir: Path | None, name: str) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def _ray_restore() -> dict[str, Any] | None:
+    import ray.train
+
+    from raysegbg.checkpoint import load_state
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_state(Path(directory))
+
+
+def fit(cfg: Config, address: str | None = None) -> RunResult:
+    """Train one run on Ray; re-running the same run name resumes it at the next epoch."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = resolve_run(cfg)
+    preflight(cfg, address)
+    init_ray(address)
+    run_dir = Path(cfg.logging.storage_path) / cfg.logging.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    workers = cfg.scaling.workers
+    cpus = cfg.scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "threads": cpus},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.logging.name,
+            storage_path=cfg.logging.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1,  # the best by score; Ray always keeps the latest too
+                checkpoint_score_attribute=cfg.logging.score,
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.logging.max_failures),
+        ),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best = result.get_best_checkpoint(cfg.logging.score, "max") if result.best_checkpoints else None
+    return RunResult(
+        run_dir=run_dir,
+        metrics=dict(result.metrics or {}),
+        best_checkpoint=Path(best.path) if best else None,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def print_summary(result: RunResult, file=sys.stdout) -> None:
+    """The end-of-run table, plus where to look next."""
+    m = result.metrics
+    rows = [
+        ("run", str(result.run_dir)),
+        ("epochs", f"{int(m.get('epoch', 0))}"),
+        ("val mIoU", f"{m.get('val/miou', float('nan')):.4f}"),
+        ("val fg Dice", f"{m.get('val/fg_dice', float('nan')):.4f}"),
+        ("val precision", f"{m.get('val/precision', float('nan')):.4f}"),
+        ("val recall", f"{m.get('val/recall', float('nan')):.4f}"),
+        ("val FPR", f"{m.get('val/fpr', float('nan')):.5f}"),
+        ("best score", f"{m.get('best_score', float('nan')):.4f}"),
+        ("best checkpoint", str(result.best_checkpoint or "-")),
+        ("throughput", f"{m.get('perf/images_per_s', float('nan')):.0f} img/s"),
+        ("wall time", f"{result.seconds:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "-" * 60, file=file)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=file)
+    print("-" * 60, file=file)
+    print(f"TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}", file=file)

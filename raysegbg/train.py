@@ -1,0 +1,262 @@
+"""The per-worker training loop: plain torch, no Ray import.
+
+`ray_train` runs `train_worker` inside every Ray Train worker; tests and benchmarks run it in
+plain processes through the same `WorkerContext`. Rank 0 alone writes TensorBoard and
+checkpoints; every rank calls `ctx.report` once per epoch (Ray's report is a barrier).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from raysegbg import dist
+from raysegbg.checkpoint import checkpoint_name, save_checkpoint
+from raysegbg.config import Config, OptimConfig, to_dict
+from raysegbg.data.loader import SegDataset, TrainLoader, eval_batches, steps_per_epoch
+from raysegbg.methods import method_class
+from raysegbg.methods.base import Batch, Method, StepInfo
+from raysegbg.metrics import confusion, summarize
+from raysegbg.models import convert_global_bn
+from raysegbg.tb import RunWriter, flat_hparams, triptych_grid
+
+LOG_EVERY = 10  # steps between per-step TensorBoard points
+
+
+@dataclass
+class WorkerContext:
+    """What the loop needs from whoever hosts it (a Ray Train worker or a plain process)."""
+
+    run_dir: Path
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Callable[[dict[str, float], Path | None, str], None] = lambda m, c, n: None
+    restore: Callable[[], dict[str, Any] | None] = lambda: None
+    log: Callable[[str], None] = print
+
+
+def build_method(cfg: Config, num_classes: int, channels: int, ignore_index: int) -> Method:
+    return method_class(cfg.method.name)(cfg, num_classes, channels, ignore_index)
+
+
+def make_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]):
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_scale(cfg: OptimConfig, step: int, total: int) -> float:
+    """Multiplier of the base learning rate at `step` (linear warm-up, then the schedule)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "poly":
+        return (1 - progress) ** 0.9
+    return 1.0
+
+
+class Trainer:
+    """State of one worker's run: model, optimiser, data, and the epoch/step counters."""
+
+    def __init__(self, cfg: Config, ctx: WorkerContext):
+        self.cfg, self.ctx = cfg, ctx
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        cls = method_class(cfg.method.name)
+        self.train_ds = SegDataset(
+            cfg.data.path, "train", labeled_only=not cls.uses_unlabeled, cache=cfg.data.cache
+        )
+        self.val_ds = SegDataset(cfg.data.path, cfg.data.val_split, cache=cfg.data.cache)
+        meta = self.train_ds.meta
+        self.meta = meta
+        self.method = build_method(cfg, meta.num_classes, meta.channels, meta.ignore_index)
+        if ctx.world_size > 1 and cfg.model.sync_bn:
+            convert_global_bn(self.method, ctx.device.type == "cuda")
+        self.method.to(ctx.device)
+        self.model = self._wrap(self.method)
+        self.optimizer = make_optimizer(cfg.optim, self.method.parameters())
+        self.steps = steps_per_epoch(
+            len(self.train_ds), cfg.train.batch_size, cfg.train.steps_per_epoch
+        )
+        self.total_steps = self.steps * cfg.train.epochs
+        self.loader = TrainLoader(
+            self.train_ds, cfg.data, cfg.train.batch_size, self.steps, cfg.train.seed,
+            ctx.rank, ctx.world_size,
+        )  # fmt: skip
+        self.amp_dtype = _amp_dtype(cfg, ctx.device)
+        use_scaler = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
+        self.epoch, self.step, self.best = 0, 0, -math.inf
+
+    def _wrap(self, method: Method) -> torch.nn.Module:
+        if self.ctx.world_size == 1:
+            return method
+        ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        return DDP(method, device_ids=ids, find_unused_parameters=False)
+
+    # -- one step / one epoch -------------------------------------------------------------
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        scale = lr_scale(self.cfg.optim, self.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.optim.lr * scale
+        batch = _to_device(batch, self.ctx.device)
+        self.method.train()
+        info = StepInfo(self.step, self.epoch, scale)
+        with torch.autocast(self.ctx.device.type, self.amp_dtype, enabled=bool(self.amp_dtype)):
+            losses = self.model(batch, info)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return {k: v.detach() for k, v in losses.items()}
+
+    def train_epoch(self, writer: RunWriter) -> dict[str, float]:
+        sums: dict[str, torch.Tensor] = {}
+        start = time.perf_counter()
+        for batch in self.loader.epoch(self.epoch):
+            losses = self.train_step(batch)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v.float()
+            if self.ctx.rank == 0 and (self.step - 1) % LOG_EVERY == 0:
+                writer.scalars({"train/loss": losses["loss"].item()}, self.step)
+                writer.scalars({"lr": self.optimizer.param_groups[0]["lr"]}, self.step)
+        seconds = time.perf_counter() - start
+        names = sorted(sums)
+        totals = dist.all_reduce_sum(torch.stack([sums[k] for k in names]).cpu())
+        out = {f"train/{k}": float(v) / (self.steps * self.ctx.world_size) for k, v in zip(names, totals, strict=True)}
+        out["perf/images_per_s"] = self.steps * self.cfg.train.batch_size / seconds
+        out["perf/epoch_s"] = seconds
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], Any]:
+        """Validation metrics from the confusion matrix summed over ranks, plus rank 0's
+        first few (image, mask, prediction) for the TensorBoard grid."""
+        self.method.eval()
+        n = self.meta.num_classes
+        cm = torch.zeros(n, n, dtype=torch.long)
+        shown: list[tuple] = []
+        for batch in eval_batches(self.val_ds, self.cfg.train.val_batch_size, self.ctx.rank, self.ctx.world_size):
+            batch = _to_device(batch, self.ctx.device)
+            with torch.autocast(self.ctx.device.type, self.amp_dtype, enabled=bool(self.amp_dtype)):
+                pred = self.method.predict(batch.images).argmax(1)
+            cm += confusion(pred, batch.masks, n, self.meta.ignore_index).cpu()
+            if len(shown) < self.cfg.logging.num_images:
+                shown.extend(zip(batch.images, batch.masks, pred, strict=True))
+        dist.all_reduce_sum(cm)
+        metrics = summarize(cm.numpy(), self.meta.classes)
+        return {f"val/{k}": v for k, v in metrics.items()}, shown[: self.cfg.logging.num_images]
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "config": to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best = state["epoch"] + 1, state["step"], state["best"]
+
+
+def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    if not (cfg.train.amp and device.type == "cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return Batch(
+        batch.images.to(device, non_blocking=True), batch.masks.to(device, non_blocking=True),
+        batch.ids,
+    )  # fmt: skip
+
+
+def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
+    """Train from the last checkpoint (if any) to `cfg.train.epochs`; returns the last metrics."""
+    trainer = Trainer(cfg, ctx)
+    state = ctx.restore()
+    if state is not None:
+        trainer.load_state_dict(state)
+        ctx.log(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step})")
+    rank0 = ctx.rank == 0
+    writer = RunWriter(ctx.run_dir / "tb" if rank0 else None, purge_step=trainer.step or None)
+    metrics: dict[str, float] = {}
+    try:
+        while trainer.epoch < cfg.train.epochs:
+            metrics = run_epoch(trainer, writer)
+            trainer.epoch += 1
+        if rank0 and metrics:
+            writer.hparams(flat_hparams(to_dict(cfg)), _final_metrics(metrics, trainer.best))
+    finally:
+        writer.close()
+    return metrics
+
+
+def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
+    cfg, ctx, epoch = trainer.cfg, trainer.ctx, trainer.epoch
+    metrics = trainer.train_epoch(writer)
+    val, shown = trainer.evaluate()
+    metrics.update(val)
+    score = metrics.get(cfg.logging.score, float("nan"))
+    trainer.best = max(trainer.best, score) if score == score else trainer.best
+    metrics.update({"epoch": epoch + 1, "step": trainer.step, "best_score": trainer.best})
+    if ctx.rank == 0:
+        writer.scalars({k: v for k, v in metrics.items() if "/" in k}, epoch + 1)
+        if shown and ((epoch + 1) % cfg.logging.image_every == 0 or epoch + 1 == cfg.train.epochs):
+            grid = triptych_grid(*zip(*shown, strict=True), trainer.meta.ignore_index)
+            writer.image("val/images", grid, epoch + 1)
+        ctx.log(progress_line(metrics, cfg.train.epochs))
+    _report(trainer, metrics)
+    return metrics
+
+
+def _report(trainer: Trainer, metrics: dict[str, float]) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint of this epoch."""
+    name = checkpoint_name(trainer.epoch)
+    if trainer.ctx.rank != 0:
+        trainer.ctx.report(metrics, None, name)
+        return
+    with tempfile.TemporaryDirectory(prefix="raysegbg-ckpt-") as tmp:
+        meta = {"epoch": trainer.epoch + 1, "step": trainer.step, "metrics": metrics}
+        save_checkpoint(Path(tmp), trainer.state_dict(), meta)
+        trainer.ctx.report(metrics, Path(tmp), name)
+
+
+def _final_metrics(metrics: dict[str, float], best: float) -> dict[str, float]:
+    keys = ("val/miou", "val/fg_dice", "val/fpr", "val/precision", "val/recall")
+    out = {f"hparams/{k.split('/')[-1]}": metrics[k] for k in keys if k in metrics}
+    out["hparams/best_score"] = best
+    return out
+
+
+def progress_line(m: dict[str, float], epochs: int) -> str:
+    return (
+        f"epoch {int(m['epoch']):>3}/{epochs}  loss {m.get('train/loss', float('nan')):.4f}  "
+        f"val miou {m.get('val/miou', float('nan')):.4f}  fg_dice {m.get('val/fg_dice', float('nan')):.4f}  "
+        f"fpr {m.get('val/fpr', float('nan')):.4f}  {m['perf/images_per_s']:.0f} img/s  "
+        f"{m['perf/epoch_s']:.1f}s"
+    )

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny seeded dataset and one local Ray per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 32x32 heterogeneous-background binary set (60 images)."""
+    from raysegbg.data.synthetic import make_dataset
+
+    out = tmp_path_factory.mktemp("data") / "hetero"
+    make_dataset("hetero_bg", out, n=60, size=32, seed=0)
+    return out
+
+
+def tiny_overrides(data: Path, run_root: Path, **extra: object) -> list[str]:
+    """--set overrides for a fast run on `tiny_data` (depth-3 ResNet-18, 32 px, 2 epochs)."""
+    values = {
+        "data.path": str(data),
+        "data.crop_size": 32,
+        "model.encoder_depth": 3,
+        "model.decoder_channels": "[32,16,8]",
+        "train.epochs": 2,
+        "train.batch_size": 8,
+        "train.steps_per_epoch": 3,
+        "logging.storage_path": str(run_root),
+        "logging.image_every": 1,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance shared by every test that needs it (start costs ~5 s)."""
+    import ray
+
+    from raysegbg.ray_train import init_ray
+
+    init_ray(None)
+    yield ray
+    ray.shutdown()
