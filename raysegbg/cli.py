@@ -61,8 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run on Ray Train (local or a cluster)")
     p.add_argument("--config", help="YAML run config (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
+    )
     p.add_argument("--workers", type=int, help="number of Ray Train workers (DDP ranks)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, AMP on")
     p.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")

@@ -62,7 +62,11 @@ def _load_image(path: Path, channels: int) -> np.ndarray:
 def predict_folder(run_dir: Path, input_dir: Path, output_dir: Path) -> int:
     """Write one PNG class-id mask per input image; the folder appears complete or not at all."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input_dir.is_dir() else []
+    files = (
+        sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if input_dir.is_dir()
+        else []
+    )
     if not files:
         raise RaysegbgError(f"no images (.png/.jpg/...) in {input_dir}: pass a folder of images")
     _, meta, method, _ = load_run(run_dir)

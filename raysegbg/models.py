@@ -66,7 +66,8 @@ def freeze_unused(model: nn.Module, in_channels: int, size: int = 64) -> list[st
     was_training = model.training
     model.eval()  # leave BatchNorm running statistics untouched
     model.zero_grad(set_to_none=True)
-    model(torch.zeros(1, in_channels, size, size)).float().sum().backward()
+    with torch.enable_grad():  # also when building a model for inference under no_grad
+        model(torch.zeros(1, in_channels, size, size)).float().sum().backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for name, param in model.named_parameters():
         param.grad = None
@@ -139,7 +140,10 @@ def _swap_bn(module: nn.Module, group) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):
             new = GlobalBatchNorm2d(
-                child.num_features, child.eps, child.momentum, child.affine,
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
                 child.track_running_stats,
             )
             new.load_state_dict(child.state_dict())

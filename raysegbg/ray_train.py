@@ -29,10 +29,18 @@ class RunResult:
 def resolve_run(cfg: Config, method_tag: str | None = None) -> Config:
     """Absolute storage path and a concrete run name, decided once on the driver."""
     name = cfg.logging.name or f"{method_tag or cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = cfg.logging.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    return replace(cfg, logging={"name": name, "storage_path": storage})
+    # workers run in another directory: every local path becomes absolute here
+    changes = {
+        "logging": {"name": name, "storage_path": _absolute(cfg.logging.storage_path)},
+        "data": {"path": _absolute(cfg.data.path)},
+    }
+    if cfg.model.weights_path:
+        changes["model"] = {"weights_path": _absolute(cfg.model.weights_path)}
+    return replace(cfg, **changes)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def preflight(cfg: Config, address: str | None) -> None:
@@ -80,11 +88,15 @@ def init_ray(address: str | None = None) -> None:
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker."""
+    import logging
+
     import ray.train
     import torch
 
     from raysegbg.train import WorkerContext, train_worker
 
+    # Train V2 logs every report (metrics dict included) at INFO: keep the console readable
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     cfg = from_dict(loop_config["config"])
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()
@@ -96,7 +108,8 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
         device=device,
         report=_ray_report,
         restore=_ray_restore,
-        log=lambda line: print(line, flush=True),
+        # Train V2 tees print() to its log file and the console (printed twice): log instead
+        log=logging.getLogger("raysegbg").info,
     )
     train_worker(cfg, ctx)
 
@@ -104,7 +117,9 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
 def _ray_report(metrics: dict[str, float], checkpoint_dir: Path | None, name: str) -> None:
     import ray.train
 
-    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    checkpoint = (
+        ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    )
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
@@ -133,7 +148,9 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     workers = cfg.scaling.workers
-    cpus = cfg.scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+    cpus = cfg.scaling.cpus_per_worker or max(
+        1, int(ray.cluster_resources().get("CPU", 1)) // workers
+    )
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "threads": cpus},
@@ -149,6 +166,7 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.logging.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     start = time.perf_counter()

@@ -68,7 +68,9 @@ class RunWriter:
         """One hparams record for the run (the HParams dashboard compares runs/trials)."""
         if self.writer is None:
             return
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        clean = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()
+        }
         self.writer.add_hparams(clean, metrics, run_name=".")
 
     def close(self) -> None:

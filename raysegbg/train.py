@@ -137,7 +137,10 @@ class Trainer:
         seconds = time.perf_counter() - start
         names = sorted(sums)
         totals = dist.all_reduce_sum(torch.stack([sums[k] for k in names]).cpu())
-        out = {f"train/{k}": float(v) / (self.steps * self.ctx.world_size) for k, v in zip(names, totals, strict=True)}
+        out = {
+            f"train/{k}": float(v) / (self.steps * self.ctx.world_size)
+            for k, v in zip(names, totals, strict=True)
+        }
         out["perf/images_per_s"] = self.steps * self.cfg.train.batch_size / seconds
         out["perf/epoch_s"] = seconds
         return out
@@ -150,7 +153,9 @@ class Trainer:
         n = self.meta.num_classes
         cm = torch.zeros(n, n, dtype=torch.long)
         shown: list[tuple] = []
-        for batch in eval_batches(self.val_ds, self.cfg.train.val_batch_size, self.ctx.rank, self.ctx.world_size):
+        for batch in eval_batches(
+            self.val_ds, self.cfg.train.val_batch_size, self.ctx.rank, self.ctx.world_size
+        ):
             batch = _to_device(batch, self.ctx.device)
             with torch.autocast(self.ctx.device.type, self.amp_dtype, enabled=bool(self.amp_dtype)):
                 pred = self.method.predict(batch.images).argmax(1)
@@ -202,6 +207,8 @@ def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
     if state is not None:
         trainer.load_state_dict(state)
         ctx.log(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step})")
+    if trainer.epoch >= cfg.train.epochs:
+        return _already_done(trainer)
     rank0 = ctx.rank == 0
     writer = RunWriter(ctx.run_dir / "tb" if rank0 else None, purge_step=trainer.step or None)
     metrics: dict[str, float] = {}
@@ -213,6 +220,15 @@ def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
             writer.hparams(flat_hparams(to_dict(cfg)), _final_metrics(metrics, trainer.best))
     finally:
         writer.close()
+    return metrics
+
+
+def _already_done(trainer: Trainer) -> dict[str, float]:
+    """Re-running a finished run reports its final validation metrics and trains nothing."""
+    trainer.ctx.log(f"run already complete ({trainer.epoch} epochs): evaluating only")
+    metrics, _ = trainer.evaluate()
+    metrics.update({"epoch": trainer.epoch, "step": trainer.step, "best_score": trainer.best})
+    trainer.ctx.report(metrics, None, checkpoint_name(trainer.epoch))
     return metrics
 
 
@@ -254,9 +270,10 @@ def _final_metrics(metrics: dict[str, float], best: float) -> dict[str, float]:
 
 
 def progress_line(m: dict[str, float], epochs: int) -> str:
+    nan = float("nan")
     return (
-        f"epoch {int(m['epoch']):>3}/{epochs}  loss {m.get('train/loss', float('nan')):.4f}  "
-        f"val miou {m.get('val/miou', float('nan')):.4f}  fg_dice {m.get('val/fg_dice', float('nan')):.4f}  "
-        f"fpr {m.get('val/fpr', float('nan')):.4f}  {m['perf/images_per_s']:.0f} img/s  "
+        f"epoch {int(m['epoch']):>3}/{epochs}  loss {m.get('train/loss', nan):.4f}  "
+        f"val miou {m.get('val/miou', nan):.4f}  fg_dice {m.get('val/fg_dice', nan):.4f}  "
+        f"fpr {m.get('val/fpr', nan):.4f}  {m['perf/images_per_s']:.0f} img/s  "
         f"{m['perf/epoch_s']:.1f}s"
     )

@@ -16,7 +16,9 @@ def test_defaults_and_overrides_are_typed():
 
 def test_yaml_file_then_set(tmp_path: Path):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  epochs: 7\nmethod:\n  name: baseline\n  baseline:\n    dice_weight: 0\n")
+    f.write_text(
+        "train:\n  epochs: 7\nmethod:\n  name: baseline\n  baseline:\n    dice_weight: 0\n"
+    )
     cfg = load_config(f, ["train.epochs=9"])
     assert cfg.train.epochs == 9 and cfg.method.baseline.dice_weight == 0.0
 

@@ -8,7 +8,7 @@ from raysegbg.config import load_config
 from raysegbg.inference import evaluate_run, predict_folder
 from raysegbg.local import train_local
 from tests.conftest import tiny_overrides
-from tests.tb_read import scalar_steps, tags
+from tests.tb_read import hparams_of, scalar_steps, tags
 
 EXPECTED_SCALARS = {
     "train/loss", "lr", "train/ce", "train/dice", "val/miou", "val/fg_dice", "val/precision",
@@ -35,6 +35,8 @@ def test_train_resume_eval_predict(tiny_data, tmp_path):
     assert EXPECTED_SCALARS <= set(found["scalars"])
     assert "val/images" in found["images"]
     assert scalar_steps(logdir, "val/miou") == [1, 2, 3]  # no duplicate points after resume
+    hparams = hparams_of(logdir)
+    assert hparams["optim.lr"] == cfg.optim.lr and hparams["method.name"] == "baseline"
 
     best = pick_checkpoint(run_dir, "best")
     assert best.name.startswith("epoch_")

@@ -65,7 +65,9 @@ class SegDataset:
         if self._masks[i] is None:
             mask = torch.full(image.shape[1:], self.meta.ignore_index, dtype=torch.long)
         else:
-            mask = torch.from_numpy(np.array(decode_png(self._masks[i], what=f"mask of {what}"))).long()
+            mask = torch.from_numpy(
+                np.array(decode_png(self._masks[i], what=f"mask of {what}"))
+            ).long()
         return image, mask
 
 
@@ -80,7 +82,9 @@ def augment(
         if scale != 1.0:
             size = [max(1, round(s * scale)) for s in image.shape[1:]]
             image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-            mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+            mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[
+                0, 0
+            ].long()
     if cfg.crop_size:
         image, mask = _random_crop(image, mask, cfg.crop_size, (u[1], u[2]), ignore)
     if cfg.augment and cfg.hflip and u[3] < 0.5:
@@ -98,7 +102,9 @@ def _random_crop(image, mask, size: int, u: tuple[float, float], ignore: int):
         mask = F.pad(mask, (0, pw, 0, ph), value=ignore)
         h, w = image.shape[1:]
     top, left = int(u[0] * (h - size + 1)), int(u[1] * (w - size + 1))
-    return image[:, top : top + size, left : left + size], mask[top : top + size, left : left + size]
+    return image[:, top : top + size, left : left + size], mask[
+        top : top + size, left : left + size
+    ]
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor]], ignore: int):

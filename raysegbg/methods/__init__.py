@@ -11,9 +11,7 @@ METHODS: dict[str, str] = {
 
 def check_method_name(name: str) -> None:
     if name not in METHODS:
-        raise RaysegbgError(
-            f"unknown method '{name}': choose one of {', '.join(sorted(METHODS))}"
-        )
+        raise RaysegbgError(f"unknown method '{name}': choose one of {', '.join(sorted(METHODS))}")
 
 
 def method_class(name: str) -> type:

@@ -25,9 +25,9 @@ class Baseline(Method):
         losses = {"ce": cross_entropy(logits, batch.masks, self.ignore_index, self.class_weights)}
         if self.params.dice_weight > 0:
             losses["dice"] = soft_dice(logits, batch.masks, self.ignore_index)
-        losses["loss"] = self.params.ce_weight * losses["ce"] + self.params.dice_weight * losses.get(
-            "dice", 0.0
-        )
+        losses["loss"] = self.params.ce_weight * losses[
+            "ce"
+        ] + self.params.dice_weight * losses.get("dice", 0.0)
         return losses
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
