@@ -1,0 +1,109 @@
+"""Training throughput: a plain torch loop versus the same work through raysegbg on Ray Train.
+
+Same model (smp U-Net, ResNet-18 encoder), same global batch, same data and augmentation,
+same number of torch threads. Images/s are measured over the training steps of every epoch
+after the first (warm-up: page faults, PNG decoding into the cache). The plain loop runs
+before and after the Ray run and their mean is the reference, so drift of the machine shows.
+
+    python benchmarks/train_overhead.py [--epochs 4] [--n 480] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from raysegbg.config import load_config
+from raysegbg.data.loader import SegDataset, TrainLoader
+from raysegbg.data.synthetic import make_dataset
+from raysegbg.methods.losses import cross_entropy, soft_dice
+from raysegbg.models import build_model
+
+
+def plain_loop(cfg, threads: int) -> list[float]:
+    """The reference: a hand-written torch loop, images/s per epoch."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+    ds = SegDataset(cfg.data.path, "train")
+    steps = len(ds) // cfg.train.batch_size
+    loader = TrainLoader(ds, cfg.data, cfg.train.batch_size, steps, cfg.train.seed)
+    model = build_model(cfg.model, ds.meta.channels, ds.meta.num_classes)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=1e-4
+    )
+    model.train()
+    rates = []
+    for epoch in range(cfg.train.epochs):
+        start = time.perf_counter()
+        for batch in loader.epoch(epoch):
+            logits = model(batch.images)
+            loss = cross_entropy(logits, batch.masks, 255) + 0.5 * soft_dice(
+                logits, batch.masks, 255
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        rates.append(steps * cfg.train.batch_size / (time.perf_counter() - start))
+    return rates
+
+
+def ray_loop(cfg) -> list[float]:
+    """The same run through `raysegbg train` (1 Ray Train worker, all CPUs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import ray
+
+    from raysegbg.ray_train import fit
+
+    result = fit(cfg)
+    ray.shutdown()  # Ray's own processes must not slow the plain loop that follows
+    events = EventAccumulator(str(result.run_dir / "tb"))
+    events.Reload()
+    return [e.value for e in events.Scalars("perf/images_per_s")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--n", type=int, default=600, help="dataset size (80%% train)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        make_dataset("hetero_bg", data, n=args.n, size=args.size, seed=0)
+        cfg = load_config(
+            "configs/quickstart.yaml",
+            [
+                f"data.path={data}",
+                f"train.epochs={args.epochs}",
+                f"train.batch_size={args.batch}",
+                "scaling.workers=1",
+                f"logging.storage_path={tmp}/runs",
+                "logging.name=bench",
+                f"logging.image_every={args.epochs}",
+            ],
+        )
+        before = plain_loop(cfg, threads)[1:]
+        through_ray = ray_loop(cfg)[1:]
+        after = plain_loop(cfg, threads)[1:]
+    plain = statistics.mean(before + after)
+    ray = statistics.mean(through_ray)
+    print()
+    print(f"{'loop':<34}{'images/s':>10}{'epochs':>8}")
+    print(f"{'plain torch (before)':<34}{statistics.mean(before):>10.1f}{len(before):>8}")
+    print(f"{'plain torch (after)':<34}{statistics.mean(after):>10.1f}{len(after):>8}")
+    print(f"{'raysegbg on Ray Train, 1 worker':<34}{ray:>10.1f}{len(through_ray):>8}")
+    print(f"{'ratio ray / plain':<34}{ray / plain:>10.3f}   (goal >= 0.97)")
+    print(f"threads {threads}, batch {args.batch}, {args.size}x{args.size}, {cfg.model.encoder}")
+
+
+if __name__ == "__main__":
+    main()
