@@ -31,11 +31,25 @@ def save_checkpoint(directory: Path, state: dict[str, Any], meta: dict[str, Any]
     return directory
 
 
+SHARED_DIR = "shared"  # the shared-state actor's export (memories, pseudo-labels)
+
+
+def save_shared(directory: Path, files: dict[str, bytes]) -> None:
+    (directory / SHARED_DIR).mkdir(exist_ok=True)
+    for name, data in files.items():
+        (directory / SHARED_DIR / name).write_bytes(data)
+
+
 def load_state(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The training state of a checkpoint, plus its shared-state files under "shared"."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise RaysegbgError(f"{directory} is not a raysegbg checkpoint (no {STATE_FILE})")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    shared = Path(directory) / SHARED_DIR
+    if shared.is_dir():
+        state["shared"] = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
+    return state
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:

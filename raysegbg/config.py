@@ -81,6 +81,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0 = one pass over the training split
     seed: int = 0
     amp: bool = True  # mixed precision, used on GPU only
+    snapshot_every: int = 50  # steps between async snapshots of shared state to its actor
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 from raysegbg.config import Config, from_dict, replace, save_config, to_dict
 from raysegbg.errors import RaysegbgError
+from raysegbg.methods import method_class
+from raysegbg.state import actor as state_actor
 
 
 @dataclass
@@ -116,6 +118,11 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
         # Train V2 tees print() to its log file and the console (printed twice): log instead
         log=logging.getLogger("raysegbg").info,
     )
+    if loop_config.get("state_actor") and ctx.rank == 0:
+        from raysegbg.state.actor import lookup
+        from raysegbg.state.client import StateClient
+
+        ctx.state = StateClient(lookup(loop_config["state_actor"]), cfg.train.snapshot_every)
     train_worker(cfg, ctx)
 
 
@@ -156,9 +163,14 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
     cpus = cfg.scaling.cpus_per_worker or max(
         1, int(ray.cluster_resources().get("CPU", 1)) // workers
     )
+    loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "threads": cpus}
+    needs_state = method_class(cfg.method.name).needs_shared_state
+    if needs_state:  # one actor per run, owned by this driver, killed when the run ends
+        state_actor.create(cfg.logging.name, run_dir / "state")
+        loop_config["state_actor"] = cfg.logging.name
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "threads": cpus},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cpus}
         ),
@@ -175,7 +187,11 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
         ),
     )
     start = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if needs_state:
+            state_actor.destroy(cfg.logging.name)
     if result.error:
         raise result.error
     best = result.get_best_checkpoint(cfg.logging.score, "max") if result.best_checkpoints else None

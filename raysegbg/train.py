@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raysegbg import dist
-from raysegbg.checkpoint import checkpoint_name, save_checkpoint
+from raysegbg.checkpoint import checkpoint_name, save_checkpoint, save_shared
 from raysegbg.config import Config, OptimConfig, to_dict
 from raysegbg.data.loader import SegDataset, TrainLoader, eval_batches, steps_per_epoch
 from raysegbg.methods import method_class
@@ -42,6 +42,7 @@ class WorkerContext:
     report: Callable[[dict[str, float], Path | None, str], None] = lambda m, c, n: None
     restore: Callable[[], dict[str, Any] | None] = lambda: None
     log: Callable[[str], None] = print
+    state: Any = None  # StateClient of the run's shared-state actor (rank 0 only), or None
 
 
 def build_method(cfg: Config, num_classes: int, channels: int, ignore_index: int) -> Method:
@@ -122,6 +123,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
+        if self.ctx.state is not None:
+            self.ctx.state.after_step(self.step, self.method)
         return {k: v.detach() for k, v in losses.items()}
 
     def train_epoch(self, writer: RunWriter) -> dict[str, float]:
@@ -183,6 +186,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"] + 1, state["step"], state["best"]
+        if self.ctx.state is not None and state.get("shared"):
+            self.ctx.state.restore(state["shared"])  # the actor goes back to this checkpoint
 
 
 def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -259,6 +264,8 @@ def _report(trainer: Trainer, metrics: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory(prefix="raysegbg-ckpt-") as tmp:
         meta = {"epoch": trainer.epoch + 1, "step": trainer.step, "metrics": metrics}
         save_checkpoint(Path(tmp), trainer.state_dict(), meta)
+        if trainer.ctx.state is not None:
+            save_shared(Path(tmp), trainer.ctx.state.checkpoint(trainer.method))
         trainer.ctx.report(metrics, Path(tmp), name)
 
 

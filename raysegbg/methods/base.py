@@ -34,6 +34,7 @@ class Method(nn.Module):
     """
 
     uses_unlabeled = False
+    needs_shared_state = False  # memories / pseudo-labels hosted by the run's state actor
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__()

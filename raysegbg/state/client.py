@@ -1,0 +1,85 @@
+"""What workers use to reach the shared-state actor without blocking the training step.
+
+Memory snapshots are sent fire-and-forget every `every` steps by rank 0; a snapshot is skipped
+(never waited for) while the previous one is still in flight. Checkpoints flush and export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raysegbg.state.memory import ClassMemory, RingBank
+
+
+def memories_of(module: nn.Module) -> dict[str, nn.Module]:
+    """Every feature memory inside a method, by its module path."""
+    return {
+        name or "memory": m for name, m in module.named_modules() if isinstance(m, (ClassMemory, RingBank))
+    }
+
+
+def _arrays(memory: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in memory.state_dict().items()}
+
+
+class StateClient:
+    def __init__(self, actor: Any, every: int = 50):
+        self.actor = actor
+        self.every = every
+        self._pending: list[Any] = []
+        self.skipped = 0
+
+    def _in_flight(self) -> bool:
+        import ray
+
+        if self._pending:
+            done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+        return bool(self._pending)
+
+    def after_step(self, step: int, method: nn.Module) -> None:
+        """Rank 0, every step: maybe send snapshots (never blocks on the actor)."""
+        if self.every <= 0 or step % self.every:
+            return
+        if self._in_flight():
+            self.skipped += 1
+            return
+        self.push(method)
+
+    def push(self, method: nn.Module) -> None:
+        for name, memory in memories_of(method).items():
+            version = int(memory.version)
+            self._pending.append(self.actor.put_memory.remote(name, version, _arrays(memory)))
+        self._pending.append(self.actor.persist.remote())
+
+    def put_labels(self, ids, masks, confidences=None, step: int = 0) -> Any:
+        return self.actor.put_labels.remote(list(ids), list(masks), confidences, step)
+
+    def get_labels(self, ids) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
+        import ray
+
+        return ray.get(self.actor.get_labels.remote(list(ids)))
+
+    def checkpoint(self, method: nn.Module) -> dict[str, bytes]:
+        """At a checkpoint: send the current memories, wait for them, export everything."""
+        import ray
+
+        self.push(method)
+        ray.get(self._pending)
+        self._pending = []
+        return ray.get(self.actor.export.remote())
+
+    def restore(self, files: dict[str, bytes]) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.actor.load_export.remote(files))
+
+
+def load_memories(method: nn.Module, arrays: dict[str, dict[str, np.ndarray]]) -> None:
+    """Put snapshots (name -> buffers) back into a method's memories (eval, predict)."""
+    for name, memory in memories_of(method).items():
+        if name in arrays:
+            memory.load_state_dict({k: torch.from_numpy(v) for k, v in arrays[name].items()})
