@@ -55,9 +55,8 @@ def plain_loop(cfg, threads: int) -> list[float]:
 
 def ray_loop(cfg) -> list[float]:
     """The same run through `raysegbg train` (1 Ray Train worker, all CPUs)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     import ray
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from raysegbg.ray_train import fit
 

@@ -87,7 +87,7 @@ def predict_folder(run_dir: Path, input_dir: Path, output_dir: Path) -> int:
 
 def _predict_one(method: Method, arr: np.ndarray) -> np.ndarray:
     img = arr[:, :, None] if arr.ndim == 2 else arr
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None] / 127.5 - 1
+    x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()[None] / 127.5 - 1
     h, w = x.shape[2:]
     ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
     x = torch.nn.functional.pad(x, (0, pw, 0, ph))

@@ -69,14 +69,19 @@ def test_update_rule_against_direct_computation():
     torch.testing.assert_close(memory.memory[0], torch.tensor([2.0, 1.0]))
     assert memory.filled.tolist() == [True, True, False]
     memory.update_from(torch.tensor([[6.0, 5.0]]), torch.tensor([0]), momentum=0.25)
-    torch.testing.assert_close(memory.memory[0], 0.75 * torch.tensor([2.0, 1.0]) + 0.25 * torch.tensor([6.0, 5.0]))
+    torch.testing.assert_close(
+        memory.memory[0], 0.75 * torch.tensor([2.0, 1.0]) + 0.25 * torch.tensor([6.0, 5.0])
+    )
     torch.testing.assert_close(memory.memory[1], torch.tensor([5.0, 5.0]))  # untouched
     assert int(memory.version) == 2
 
 
 def test_class_sums_respects_weights_and_ignore():
     sums, totals = class_sums(
-        torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([1, 1, 255]), 2, torch.tensor([1.0, 3.0, 9.0])
+        torch.tensor([[1.0], [2.0], [4.0]]),
+        torch.tensor([1, 1, 255]),
+        2,
+        torch.tensor([1.0, 3.0, 9.0]),
     )
     assert sums[1].item() == 7.0 and totals.tolist() == [0.0, 4.0]
 

@@ -12,7 +12,9 @@ def make_labels(n: int, seed: int = 0):
     ids = [f"img_{i:04d}" for i in range(n)]
     masks = [rng.integers(0, 4, (32, 32), dtype=np.uint8) for _ in range(n)]
     confs = [
-        rng.random((32, 32), dtype=np.float32) if i % 3 == 0 else (rng.random(5).astype(np.float32) if i % 3 == 1 else None)
+        rng.random((32, 32), dtype=np.float32)
+        if i % 3 == 0
+        else (rng.random(5).astype(np.float32) if i % 3 == 1 else None)
         for i in range(n)
     ]
     return ids, masks, confs

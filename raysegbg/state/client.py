@@ -18,7 +18,9 @@ from raysegbg.state.memory import ClassMemory, RingBank
 def memories_of(module: nn.Module) -> dict[str, nn.Module]:
     """Every feature memory inside a method, by its module path."""
     return {
-        name or "memory": m for name, m in module.named_modules() if isinstance(m, (ClassMemory, RingBank))
+        name or "memory": m
+        for name, m in module.named_modules()
+        if isinstance(m, (ClassMemory, RingBank))
     }
 
 

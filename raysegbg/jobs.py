@@ -1,0 +1,339 @@
+"""Ray Jobs API: submit the raysegbg CLI to a cluster, then list, inspect, follow and stop jobs.
+
+The only module that talks to the Jobs API (the head's dashboard, port 8265). A job runs the
+same CLI (`python -m raysegbg.cli train|tune ...`) on the head, joined to the cluster it runs on
+(`--address auto`). Everything that needs no cluster is checked first, then the address (TCP,
+a few seconds) and the token, so bad input fails with one line before any upload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shlex
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from raysegbg.errors import RaysegbgError
+
+ADDRESS_ENV = ("RAYSEGBG_ADDRESS", "RAY_ADDRESS")
+DASHBOARD_PORT = 8265
+COMMANDS = ("train", "tune")
+# gitignore patterns relative to the project root; a leading / keeps raysegbg/data/ shipped
+EXCLUDES = ["/.venv", "/runs", "/data", "/.git", "__pycache__", "*.egg-info", ".*_cache"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+TOKEN_FIX = (
+    "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, "
+    "or copy ~/.ray/auth_token from the head (`ray get-auth-token` prints it there)"
+)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A Jobs API client and the dashboard URL it talks to (for error messages)."""
+
+    url: str
+    client: Any  # ray.job_submission.JobSubmissionClient
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    run_name: str
+    entrypoint: str
+    conn: Connection
+
+
+def dashboard_url(address: str | None) -> str:
+    """`--address`, else $RAYSEGBG_ADDRESS / $RAY_ADDRESS, as http(s)://host:port."""
+    source = "--address"
+    if not address:
+        source, address = next(
+            ((v, os.environ[v]) for v in ADDRESS_ENV if os.environ.get(v)), ("", "")
+        )
+    if not address:
+        raise RaysegbgError(
+            "no Ray cluster address: pass --address http://HEAD:8265 (the head's dashboard) "
+            "or set RAYSEGBG_ADDRESS"
+        )
+    url = urlparse(address if "://" in address else f"http://{address}")
+    if url.scheme not in ("http", "https") or not url.hostname or address in ("auto", "local"):
+        raise RaysegbgError(
+            f"{address!r} (from {source}) is not a dashboard URL: the Jobs API talks to the "
+            "head's dashboard, e.g. --address http://HEAD:8265"
+        )
+    netloc = url.netloc if url.port or url.scheme == "https" else f"{url.netloc}:{DASHBOARD_PORT}"
+    return f"{url.scheme}://{netloc}{url.path.rstrip('/')}"
+
+
+def check_reachable(url: str, timeout: float = 3.0) -> None:
+    """Fail in `timeout` seconds, not minutes, when nothing listens at the dashboard URL."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else DASHBOARD_PORT)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise RaysegbgError(
+            f"cannot reach the Ray dashboard at {url} ({exc.strerror or exc}): start the head "
+            "with `ray start --head --dashboard-host 0.0.0.0`, or forward its port 8265 "
+            "(`ssh -L 8265:localhost:8265 HEAD` or `kubectl port-forward svc/HEAD-svc 8265`)"
+        ) from None
+
+
+@contextmanager
+def _errors(url: str, job_id: str | None = None) -> Iterator[None]:
+    """Turn the Jobs client's exceptions into one-line errors that say what to do."""
+    from aiohttp import ClientError
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise _token_error(url, forbidden="Forbidden" in str(exc)) from None
+    except (OSError, ClientError) as exc:  # requests' and aiohttp's connection errors
+        if getattr(exc, "status", None) in (401, 403):  # the log tail's websocket handshake
+            raise _token_error(url, forbidden=exc.status == 403) from None
+        raise RaysegbgError(
+            f"the Ray dashboard at {url} did not answer ({exc}): check the head is up and the "
+            "URL is its dashboard (port 8265)"
+        ) from None
+    except RuntimeError as exc:
+        text = str(exc).strip() or type(exc).__name__
+        if job_id and ("does not exist" in text or "404" in text):
+            raise RaysegbgError(
+                f"no job {job_id!r} on {url}: `raysegbg jobs --address {url}` lists them"
+            ) from None
+        raise RaysegbgError(f"the Ray cluster at {url} answered: {text.splitlines()[0]}") from None
+
+
+def _token_error(url: str, forbidden: bool) -> RaysegbgError:
+    problem = "rejected the token" if forbidden else "requires a token"
+    return RaysegbgError(f"the Ray cluster at {url} {problem}: {TOKEN_FIX}")
+
+
+@contextmanager
+def _hidden_env(*names: str) -> Iterator[None]:
+    """Ray lets $RAY_ADDRESS override the client's address argument: hide it meanwhile."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def connect(address: str | None) -> Connection:
+    """A Jobs API client for the cluster, after the address and token checks."""
+    url = dashboard_url(address)
+    check_reachable(url)
+    from ray.job_submission import JobSubmissionClient
+
+    with _errors(url), _hidden_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        try:
+            return Connection(url, JobSubmissionClient(url))
+        except RuntimeError as exc:  # an HTTP server, but no Jobs API behind it
+            raise RaysegbgError(
+                f"no Ray dashboard at {url} ({str(exc).splitlines()[0]}): pass the head's "
+                "dashboard URL, http://HEAD:8265"
+            ) from None
+
+
+def project_root() -> Path | None:
+    """The source checkout holding the package (shipped as working_dir), if there is one."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def build_runtime_env(runtime_env_file: str | None, root: Path | None) -> dict[str, Any]:
+    """Ship the project (or the bare package) to the job; a YAML file adds to or overrides it.
+
+    Ray's working_dir plugin puts the shipped folder first on every worker's PYTHONPATH, so the
+    shipped code wins over a copy installed in the cluster's image.
+    """
+    package = Path(__file__).resolve().parent
+    env: dict[str, Any] = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}, "excludes": list(EXCLUDES)}
+    env.update({"working_dir": str(root)} if root else {"py_modules": [str(package)]})
+    if not runtime_env_file:
+        return env
+    extra = _read_yaml(Path(runtime_env_file))
+    env["env_vars"].update(extra.pop("env_vars", None) or {})
+    env["excludes"] += extra.pop("excludes", None) or []
+    env.update(extra)
+    return env
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RaysegbgError(
+            f"cannot read the runtime env {path} ({exc}): pass a YAML file"
+        ) from None
+    if not isinstance(values, dict) or set(values) - RuntimeEnv.known_fields:
+        unknown = sorted(set(values) - RuntimeEnv.known_fields) if isinstance(values, dict) else []
+        raise RaysegbgError(
+            f"runtime env {path} must be a mapping of Ray runtime_env keys "
+            f"(unknown: {unknown}; valid: {sorted(RuntimeEnv.known_fields)})"
+        )
+    return values
+
+
+def _pop_option(args: list[str], flag: str) -> tuple[list[str], str | None]:
+    """Remove every `flag VALUE` / `flag=VALUE` from args; return the rest and the last value."""
+    rest, value, i = [], None, 0
+    while i < len(args):
+        if args[i] == flag and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        elif args[i].startswith(flag + "="):
+            value, i = args[i].split("=", 1)[1], i + 1
+        else:
+            rest, i = [*rest, args[i]], i + 1
+    return rest, value
+
+
+def _check_config(args: list[str], root: Path | None) -> tuple[list[str], str | None]:
+    """Validate a train config before submitting it; return args with a job-relative --config.
+
+    Paths in the config must exist on the cluster: the job's working dir is a temporary copy
+    without data/ or runs/, so data and storage must be absolute (shared) paths or URIs.
+    """
+    from raysegbg.config import load_config
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    known, _ = parser.parse_known_args(args[1:])
+    if known.config and not Path(known.config).is_file():
+        return args, None  # a path on the cluster: the job checks it
+    if known.config and root:
+        path = Path(known.config).resolve()
+        if not path.is_relative_to(root):
+            raise RaysegbgError(
+                f"config {known.config} is outside {root}, the folder the job ships: "
+                "move it under configs/"
+            )
+        args, _ = _pop_option(args, "--config")
+        args += ["--config", path.relative_to(root).as_posix()]
+    cfg = load_config(known.config, known.set)
+    for key, value in (
+        ("data.path", cfg.data.path),
+        ("logging.storage_path", cfg.logging.storage_path),
+    ):
+        if "://" not in value and not Path(value).is_absolute():
+            raise RaysegbgError(
+                f"{key}={value!r} is relative, but a job runs in a temporary copy of the project "
+                f"without data/ and runs/: pass --set {key}=/shared/path (a path every node "
+                "mounts, see cluster/README.md)"
+            )
+    return args, cfg.method.name
+
+
+def prepare_command(
+    command: list[str], name: str | None, root: Path | None
+) -> tuple[list[str], str]:
+    """The CLI arguments the job runs (run name settled, `--address auto`) and the run name."""
+    args = command[1:] if command[:1] == ["--"] else list(command)
+    if not args or args[0] not in COMMANDS:
+        raise RaysegbgError(
+            "put the command after `--`: raysegbg submit --address URL -- train --config F ..."
+        )
+    args, own_name = _pop_option(args, "--name")
+    args, own_address = _pop_option(args, "--address")
+    if own_address not in (None, "auto"):
+        raise RaysegbgError(
+            f"drop --address {own_address} after `--`: a job joins the cluster it runs on; "
+            "give the cluster to `raysegbg submit --address`"
+        )
+    if name and own_name and name != own_name:
+        raise RaysegbgError(f"two run names, {name} and {own_name}: pass --name once")
+    method = None
+    if args[0] == "train":
+        args, method = _check_config(args, root)
+    run_name = name or own_name or f"{method or args[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return [*args, "--name", run_name, "--address", "auto"], run_name
+
+
+def submission_id(run_name: str) -> str:
+    """Unique per submission, readable, and reusable names: `<run name>-<timestamp>`."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-") or "run"
+    return f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def submit(
+    address: str | None,
+    command: list[str],
+    name: str | None = None,
+    runtime_env_file: str | None = None,
+) -> Submission:
+    """Submit `raysegbg train|tune ...` as a job; re-using a run name resumes that run."""
+    root = project_root()
+    args, run_name = prepare_command(command, name, root)
+    runtime_env = build_runtime_env(runtime_env_file, root)
+    conn = connect(address)
+    entrypoint = shlex.join(["python", "-m", "raysegbg.cli", *args])
+    with _errors(conn.url):
+        job_id = conn.client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id(run_name),
+            runtime_env=runtime_env,
+            metadata={"raysegbg_run": run_name},
+        )
+    return Submission(job_id, run_name, entrypoint, conn)
+
+
+def list_jobs(address: str | None) -> list[Any]:
+    """Every job the cluster knows (ray's JobDetails), oldest first."""
+    conn = connect(address)
+    with _errors(conn.url):
+        jobs = conn.client.list_jobs()
+    return sorted(jobs, key=lambda job: job.start_time or 0)
+
+
+def job_info(conn: Connection, job_id: str) -> Any:
+    """The job's JobDetails; an unknown id is a one-line error."""
+    with _errors(conn.url, job_id):
+        return conn.client.get_job_info(job_id)
+
+
+def job_logs(conn: Connection, job_id: str) -> str:
+    job_info(conn, job_id)
+    with _errors(conn.url, job_id):
+        return conn.client.get_job_logs(job_id)
+
+
+def follow_logs(conn: Connection, job_id: str, write: Callable[[str], Any]) -> str:
+    """Stream the job's logs (the async tail API) until it ends; return its final status."""
+    job_info(conn, job_id)
+
+    async def tail() -> None:
+        async for chunk in conn.client.tail_job_logs(job_id):
+            write(chunk)
+
+    with _errors(conn.url, job_id):
+        asyncio.run(tail())
+        status = str(conn.client.get_job_status(job_id))
+        for _ in range(20):  # the tail closes a moment before the status turns final
+            if status in TERMINAL:
+                break
+            time.sleep(0.5)
+            status = str(conn.client.get_job_status(job_id))
+    return status
+
+
+def stop_job(conn: Connection, job_id: str) -> bool:
+    """Ask the job to stop; False when it had already ended."""
+    job_info(conn, job_id)
+    with _errors(conn.url, job_id):
+        return bool(conn.client.stop_job(job_id))
