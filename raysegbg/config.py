@@ -56,11 +56,28 @@ class BaselineParams:
 
 
 @dataclass(frozen=True)
+class McibiParams:
+    """Mining Contextual Information Beyond Image: a dataset-level class memory."""
+
+    dims: int = 64  # memory / pixel feature size
+    attention_dims: int = 32
+    feature_stride: int = 4  # work at 1/stride of the image (labels are downsampled)
+    momentum: float = 0.9  # update rate of an entry toward the batch's class mean
+    momentum_follows_lr: bool = True  # momentum * lr/lr0, as in the reference
+    aggregation: str = "soft"  # soft | hard: how a pixel reads the memory
+    update: bool = True  # False = memory frozen at its (random) initial value (ablation)
+    stage1_weight: float = 0.4
+    stage2_weight: float = 1.0
+    consistency_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Which method trains the model, and each method's own parameters."""
 
     name: str = "baseline"
     baseline: BaselineParams = field(default_factory=BaselineParams)
+    mcibi: McibiParams = field(default_factory=McibiParams)
 
 
 @dataclass(frozen=True)
@@ -251,6 +268,7 @@ def validate(cfg: Config) -> None:
     check_method_name(cfg.method.name)
     _check_choice("optim.name", cfg.optim.name, ("adamw", "sgd"))
     _check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
+    _check_choice("method.mcibi.aggregation", cfg.method.mcibi.aggregation, ("soft", "hard"))
     checks = [
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),

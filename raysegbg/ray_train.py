@@ -149,13 +149,32 @@ def _ray_restore() -> dict[str, Any] | None:
 
 def fit(cfg: Config, address: str | None = None) -> RunResult:
     """Train one run on Ray; re-running the same run name resumes it at the next epoch."""
+    cfg = resolve_run(cfg)
+    preflight(cfg, address)
+    init_ray(address)
+    start = time.perf_counter()
+    result = run_trainer(cfg)
+    if result.error:
+        raise result.error
+    best = result.get_best_checkpoint(cfg.logging.score, "max") if result.best_checkpoints else None
+    return RunResult(
+        run_dir=Path(cfg.logging.storage_path) / cfg.logging.name,
+        metrics=dict(result.metrics or {}),
+        best_checkpoint=Path(best.path) if best else None,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
+    """Run a resolved config on the connected Ray: run folder, config.yaml, the shared-state
+    actor if the method needs one, and TorchTrainer.fit. Returns Ray Train's Result.
+
+    `fit` and every Tune trial (`raysegbg.tune`, which adds its report callback) call this.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = resolve_run(cfg)
-    preflight(cfg, address)
-    init_ray(address)
     run_dir = Path(cfg.logging.storage_path) / cfg.logging.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -184,23 +203,14 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.logging.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
-    start = time.perf_counter()
     try:
-        result = trainer.fit()
+        return trainer.fit()
     finally:
         if needs_state:
             state_actor.destroy(cfg.logging.name)
-    if result.error:
-        raise result.error
-    best = result.get_best_checkpoint(cfg.logging.score, "max") if result.best_checkpoints else None
-    return RunResult(
-        run_dir=run_dir,
-        metrics=dict(result.metrics or {}),
-        best_checkpoint=Path(best.path) if best else None,
-        seconds=time.perf_counter() - start,
-    )
 
 
 def print_summary(result: RunResult, file=sys.stdout) -> None:

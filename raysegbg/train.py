@@ -250,6 +250,8 @@ def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
         if shown and ((epoch + 1) % cfg.logging.image_every == 0 or epoch + 1 == cfg.train.epochs):
             grid = triptych_grid(*zip(*shown, strict=True), trainer.meta.ignore_index)
             writer.image("val/images", grid, epoch + 1)
+        for tag, image in trainer.method.tb_images().items():
+            writer.image(tag, image, epoch + 1)
         ctx.log(progress_line(metrics, cfg.train.epochs))
     _report(trainer, metrics)
     return metrics

@@ -168,6 +168,26 @@ def _multiclass(rng: np.random.Generator, n: int, size: int) -> Batch:
     return _to_uint8(img), mask.astype(np.uint8)
 
 
+AMBIGUOUS_MEANS = np.float32([[150, 112, 112], [112, 150, 112], [112, 112, 150]])
+
+
+def _ambiguous(rng: np.random.Generator, n: int, size: int) -> Batch:
+    """Same-shaped objects whose classes differ only in a mean colour buried in per-pixel noise
+    (σ 45 vs 38 apart): a pixel and its neighbours are ambiguous, the class statistics over
+    the dataset are not. A grey noisy background mode sits between the classes."""
+    grey = 125 + rng.normal(0, 45, (n, size, size, 3)).astype(np.float32)
+    modes = [_dark_smooth(rng, n, size), _stripes(rng, n, size), grey]
+    img, mask = _patchwork(rng, modes), np.zeros((n, size, size), np.uint8)
+    for draw in range(3):
+        kind = rng.integers(1 if draw == 0 else 0, 4, n)[:, None, None]  # 0 = no object
+        inside = _ellipse(rng, n, size, 0.08, 0.16) <= 1
+        for cls in (1, 2, 3):
+            hit = inside & (kind == cls)
+            look = AMBIGUOUS_MEANS[cls - 1] + rng.normal(0, 45, img.shape).astype(np.float32)
+            img, mask = np.where(hit[..., None], look, img), np.where(hit, cls, mask)
+    return _to_uint8(img), mask.astype(np.uint8)
+
+
 def _varying_contrast(rng: np.random.Generator, n: int, size: int) -> Batch:
     inside, shade = _blobs(rng, n, size)
     texture = 90 + 20 * _waves(rng, n, size, 1, 3) + rng.normal(0, 6, (n, size, size))
@@ -204,6 +224,12 @@ GENERATORS: dict[str, GeneratorSpec] = {
         ("background", "disc", "square", "triangle"),
         3,
         "shaded discs, striped squares and dotted triangles on a heterogeneous patchwork",
+    ),
+    "ambiguous": GeneratorSpec(
+        _ambiguous,
+        ("background", "red_ish", "green_ish", "blue_ish"),
+        3,
+        "same-shaped objects told apart only by class colour statistics under heavy noise",
     ),
     "varying_contrast": GeneratorSpec(
         _varying_contrast,

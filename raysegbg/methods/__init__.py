@@ -6,6 +6,7 @@ from raysegbg.errors import RaysegbgError
 
 METHODS: dict[str, str] = {
     "baseline": "raysegbg.methods.baseline:Baseline",
+    "mcibi": "raysegbg.methods.mcibi:Mcibi",
 }
 
 

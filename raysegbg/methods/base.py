@@ -50,6 +50,10 @@ class Method(nn.Module):
         """Logits (B, num_classes, H, W) for evaluation and inference."""
         raise NotImplementedError
 
+    def tb_images(self) -> dict:
+        """Method-specific images for TensorBoard (tag -> H×W×3 uint8), once per epoch."""
+        return {}
+
     def shared_state(self) -> list[str]:
         """Names of the shared-state entries (memories, pseudo-label stores) this method uses."""
         return []
