@@ -185,7 +185,8 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
     loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "threads": cpus}
     needs_state = method_class(cfg.method.name).needs_shared_state
     if needs_state:  # one actor per run, owned by this driver, killed when the run ends
-        state_actor.create(cfg.logging.name, run_dir / "state")
+        # keep the handle: an unreferenced (non-detached) actor is destroyed right away
+        actor = state_actor.create(cfg.logging.name, run_dir / "state")  # noqa: F841
         loop_config["state_actor"] = cfg.logging.name
     trainer = TorchTrainer(
         _worker_entry,

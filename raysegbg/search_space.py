@@ -159,7 +159,9 @@ def _parse_param(name: str, spec: Any, earlier: list[Param], source: str) -> Par
         )
     when = _parse_when(spec.get("when"), where, earlier, source)
     if kind == "categorical":
-        return Param(name, kind, choices=_parse_choices(spec.get("choices"), where, source), when=when)
+        return Param(
+            name, kind, choices=_parse_choices(spec.get("choices"), where, source), when=when
+        )
     low, high = (_number(spec.get(k), k, kind, where, source) for k in ("low", "high"))
     if not low < high:
         raise _error(source, f"{where}: empty range low={low} >= high={high}: need low < high")

@@ -30,3 +30,34 @@ def test_two_workers_report_checkpoint_and_resume(ray_local, tiny_data, tmp_path
     assert {"train/loss", "lr", "val/miou", "val/fg_dice", "val/fpr"} <= set(found["scalars"])
     assert "val/images" in found["images"]
     assert scalar_steps(run_dir / "tb", "val/fg_dice") == [1, 2, 3]
+
+
+def test_mcibi_run_keeps_its_memory_in_the_actor_and_checkpoints(ray_local, tiny_data, tmp_path):
+    import io
+
+    import numpy as np
+    import torch
+
+    from raysegbg.checkpoint import load_state, pick_checkpoint
+    from raysegbg.inference import evaluate_run
+    from raysegbg.state import actor as state_actor
+
+    overrides = tiny_overrides(
+        tiny_data, tmp_path,
+        **{"scaling.workers": 2, "logging.name": "mcibi-run", "method.name": "mcibi",
+           "method.mcibi.dims": 8, "method.mcibi.attention_dims": 4, "train.snapshot_every": 2},
+    )  # fmt: skip
+    result = fit(load_config(None, overrides))
+    run_dir = tmp_path / "mcibi-run"
+    last = pick_checkpoint(run_dir, "last")
+    state = load_state(last)
+    with np.load(io.BytesIO(state["shared"]["memory-memory.npz"])) as snap:
+        torch.testing.assert_close(
+            torch.from_numpy(snap["memory"]), state["method"]["memory.memory"]
+        )
+        assert int(snap["version"]) == result.metrics["step"] == 6
+    assert (run_dir / "state" / "latest" / "memories.json").is_file()  # async snapshots landed
+    with pytest.raises(ValueError):
+        state_actor.lookup("mcibi-run")  # the actor ends with its run
+    assert "mcibi/memory_cosine" in tags(run_dir / "tb")["images"]
+    assert 0 <= evaluate_run(run_dir, "test")["miou"] <= 1  # eval reads the checkpointed memory
