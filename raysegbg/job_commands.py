@@ -1,5 +1,7 @@
 """`raysegbg submit|jobs|status|logs|stop`: run the CLI as Ray jobs on a cluster.
 
+`submit` settles the command line the job runs (`--name`, `--address auto`, a job-relative
+`--config`) and checks the config locally, so a typo fails here and not on the cluster.
 Handlers return an exit code and let `RaysegbgError` propagate; the main CLI prints it as one
 line. The Jobs API itself lives in `raysegbg.jobs`.
 """
@@ -9,10 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from raysegbg import jobs
+from raysegbg.errors import RaysegbgError
 
 ENTRY_PREFIX = "python -m raysegbg.cli "
+COMMANDS = ("train", "tune")
 
 
 def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -66,7 +72,8 @@ def _write(text: str) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    sub = jobs.submit(args.address, args.command, args.name, args.runtime_env)
+    command, run_name = prepare_command(args.command, args.name, jobs.project_root())
+    sub = jobs.submit(args.address, command, run_name, args.runtime_env)
     print(f"submitted job {sub.job_id} (run {sub.run_name}) to {sub.conn.url}")
     print(f"  entrypoint: {sub.entrypoint}")
     if not args.wait:
@@ -90,7 +97,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_row(job) -> tuple[str, str, str, str]:
+def _job_row(job: Any) -> tuple[str, str, str, str]:
     """One line of `raysegbg jobs`: id, status, local start time, shortened entrypoint."""
     start = "-"
     if job.start_time:
@@ -120,3 +127,78 @@ def cmd_stop(args: argparse.Namespace) -> int:
     stopped = jobs.stop_job(jobs.connect(args.address), args.job_id)
     print(f"job {args.job_id} " + ("stopping" if stopped else "had already ended"))
     return 0
+
+
+def _pop_option(args: list[str], flag: str) -> tuple[list[str], str | None]:
+    """Remove every `flag VALUE` / `flag=VALUE` from args; return the rest and the last value."""
+    rest, value, i = [], None, 0
+    while i < len(args):
+        if args[i] == flag and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        elif args[i].startswith(flag + "="):
+            value, i = args[i].split("=", 1)[1], i + 1
+        else:
+            rest, i = [*rest, args[i]], i + 1
+    return rest, value
+
+
+def _check_config(args: list[str], root: Path | None) -> tuple[list[str], str | None]:
+    """Validate a train config before submitting it; return args with a job-relative --config.
+
+    Paths in the config must exist on the cluster: the job's working dir is a temporary copy
+    without data/ or runs/, so data and storage must be absolute (shared) paths or URIs.
+    """
+    from raysegbg.config import load_config
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    known, _ = parser.parse_known_args(args[1:])
+    if known.config and not Path(known.config).is_file():
+        return args, None  # a path on the cluster: the job checks it
+    if known.config and root:
+        path = Path(known.config).resolve()
+        if not path.is_relative_to(root):
+            raise RaysegbgError(
+                f"config {known.config} is outside {root}, the folder the job ships: "
+                "move it under configs/"
+            )
+        args, _ = _pop_option(args, "--config")
+        args += ["--config", path.relative_to(root).as_posix()]
+    cfg = load_config(known.config, known.set)
+    for key, value in (
+        ("data.path", cfg.data.path),
+        ("logging.storage_path", cfg.logging.storage_path),
+    ):
+        if "://" not in value and not Path(value).is_absolute():
+            raise RaysegbgError(
+                f"{key}={value!r} is relative, but a job runs in a temporary copy of the project "
+                f"without data/ and runs/: pass --set {key}=/shared/path (a path every node "
+                "mounts, see cluster/README.md)"
+            )
+    return args, cfg.method.name
+
+
+def prepare_command(
+    command: list[str], name: str | None, root: Path | None
+) -> tuple[list[str], str]:
+    """The CLI arguments the job runs (run name settled, `--address auto`) and the run name."""
+    args = command[1:] if command[:1] == ["--"] else list(command)
+    if not args or args[0] not in COMMANDS:
+        raise RaysegbgError(
+            "put the command after `--`: raysegbg submit --address URL -- train --config F ..."
+        )
+    args, own_name = _pop_option(args, "--name")
+    args, own_address = _pop_option(args, "--address")
+    if own_address not in (None, "auto"):
+        raise RaysegbgError(
+            f"drop --address {own_address} after `--`: a job joins the cluster it runs on; "
+            "give the cluster to `raysegbg submit --address`"
+        )
+    if name and own_name and name != own_name:
+        raise RaysegbgError(f"two run names, {name} and {own_name}: pass --name once")
+    method = None
+    if args[0] == "train":
+        args, method = _check_config(args, root)
+    run_name = name or own_name or f"{method or args[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return [*args, "--name", run_name, "--address", "auto"], run_name

@@ -8,8 +8,8 @@ a few seconds) and the token, so bad input fails with one line before any upload
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import logging
 import os
 import re
 import shlex
@@ -28,7 +28,6 @@ from raysegbg.errors import RaysegbgError
 
 ADDRESS_ENV = ("RAYSEGBG_ADDRESS", "RAY_ADDRESS")
 DASHBOARD_PORT = 8265
-COMMANDS = ("train", "tune")
 # gitignore patterns relative to the project root; a leading / keeps raysegbg/data/ shipped
 EXCLUDES = ["/.venv", "/runs", "/data", "/.git", "__pycache__", "*.egg-info", ".*_cache"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -132,6 +131,22 @@ def _hidden_env(*names: str) -> Iterator[None]:
         os.environ.update(saved)
 
 
+@contextmanager
+def _quiet_ray_logs() -> Iterator[None]:
+    """Hide Ray's INFO lines about packaging and sockets; the CLI prints its own summary."""
+    ray_logger, working_dir = (
+        logging.getLogger(name) for name in ("ray", "ray._private.runtime_env.working_dir")
+    )
+    levels = ray_logger.level, working_dir.level
+    ray_logger.setLevel(logging.WARNING)
+    working_dir.setLevel(logging.ERROR)  # "'.venv' is now ignored by default": we exclude it
+    try:
+        yield
+    finally:
+        ray_logger.setLevel(levels[0])
+        working_dir.setLevel(levels[1])
+
+
 def connect(address: str | None) -> Connection:
     """A Jobs API client for the cluster, after the address and token checks."""
     url = dashboard_url(address)
@@ -190,81 +205,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
-def _pop_option(args: list[str], flag: str) -> tuple[list[str], str | None]:
-    """Remove every `flag VALUE` / `flag=VALUE` from args; return the rest and the last value."""
-    rest, value, i = [], None, 0
-    while i < len(args):
-        if args[i] == flag and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
-        elif args[i].startswith(flag + "="):
-            value, i = args[i].split("=", 1)[1], i + 1
-        else:
-            rest, i = [*rest, args[i]], i + 1
-    return rest, value
-
-
-def _check_config(args: list[str], root: Path | None) -> tuple[list[str], str | None]:
-    """Validate a train config before submitting it; return args with a job-relative --config.
-
-    Paths in the config must exist on the cluster: the job's working dir is a temporary copy
-    without data/ or runs/, so data and storage must be absolute (shared) paths or URIs.
-    """
-    from raysegbg.config import load_config
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[])
-    known, _ = parser.parse_known_args(args[1:])
-    if known.config and not Path(known.config).is_file():
-        return args, None  # a path on the cluster: the job checks it
-    if known.config and root:
-        path = Path(known.config).resolve()
-        if not path.is_relative_to(root):
-            raise RaysegbgError(
-                f"config {known.config} is outside {root}, the folder the job ships: "
-                "move it under configs/"
-            )
-        args, _ = _pop_option(args, "--config")
-        args += ["--config", path.relative_to(root).as_posix()]
-    cfg = load_config(known.config, known.set)
-    for key, value in (
-        ("data.path", cfg.data.path),
-        ("logging.storage_path", cfg.logging.storage_path),
-    ):
-        if "://" not in value and not Path(value).is_absolute():
-            raise RaysegbgError(
-                f"{key}={value!r} is relative, but a job runs in a temporary copy of the project "
-                f"without data/ and runs/: pass --set {key}=/shared/path (a path every node "
-                "mounts, see cluster/README.md)"
-            )
-    return args, cfg.method.name
-
-
-def prepare_command(
-    command: list[str], name: str | None, root: Path | None
-) -> tuple[list[str], str]:
-    """The CLI arguments the job runs (run name settled, `--address auto`) and the run name."""
-    args = command[1:] if command[:1] == ["--"] else list(command)
-    if not args or args[0] not in COMMANDS:
-        raise RaysegbgError(
-            "put the command after `--`: raysegbg submit --address URL -- train --config F ..."
-        )
-    args, own_name = _pop_option(args, "--name")
-    args, own_address = _pop_option(args, "--address")
-    if own_address not in (None, "auto"):
-        raise RaysegbgError(
-            f"drop --address {own_address} after `--`: a job joins the cluster it runs on; "
-            "give the cluster to `raysegbg submit --address`"
-        )
-    if name and own_name and name != own_name:
-        raise RaysegbgError(f"two run names, {name} and {own_name}: pass --name once")
-    method = None
-    if args[0] == "train":
-        args, method = _check_config(args, root)
-    run_name = name or own_name or f"{method or args[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return [*args, "--name", run_name, "--address", "auto"], run_name
-
-
 def submission_id(run_name: str) -> str:
     """Unique per submission, readable, and reusable names: `<run name>-<timestamp>`."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-") or "run"
@@ -272,18 +212,13 @@ def submission_id(run_name: str) -> str:
 
 
 def submit(
-    address: str | None,
-    command: list[str],
-    name: str | None = None,
-    runtime_env_file: str | None = None,
+    address: str | None, args: list[str], run_name: str, runtime_env_file: str | None = None
 ) -> Submission:
-    """Submit `raysegbg train|tune ...` as a job; re-using a run name resumes that run."""
-    root = project_root()
-    args, run_name = prepare_command(command, name, root)
-    runtime_env = build_runtime_env(runtime_env_file, root)
+    """Run `raysegbg ARGS` as a job (ARGS settled by `job_commands.prepare_command`)."""
+    runtime_env = build_runtime_env(runtime_env_file, project_root())
     conn = connect(address)
     entrypoint = shlex.join(["python", "-m", "raysegbg.cli", *args])
-    with _errors(conn.url):
+    with _errors(conn.url), _quiet_ray_logs():
         job_id = conn.client.submit_job(
             entrypoint=entrypoint,
             submission_id=submission_id(run_name),
@@ -321,7 +256,7 @@ def follow_logs(conn: Connection, job_id: str, write: Callable[[str], Any]) -> s
         async for chunk in conn.client.tail_job_logs(job_id):
             write(chunk)
 
-    with _errors(conn.url, job_id):
+    with _errors(conn.url, job_id), _quiet_ray_logs():
         asyncio.run(tail())
         status = str(conn.client.get_job_status(job_id))
         for _ in range(20):  # the tail closes a moment before the status turns final

@@ -5,6 +5,7 @@ The only training module that imports Ray, so a Ray API change touches this file
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -95,15 +96,12 @@ def init_ray(address: str | None = None) -> None:
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker."""
-    import logging
-
     import ray.train
     import torch
 
     from raysegbg.train import WorkerContext, train_worker
 
-    # Train V2 logs every report (metrics dict included) at INFO: keep the console readable
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_log()
     cfg = from_dict(loop_config["config"])
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()
@@ -124,6 +122,17 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
 
         ctx.state = StateClient(lookup(loop_config["state_actor"]), cfg.train.snapshot_every)
     train_worker(cfg, ctx)
+
+
+def _quiet_report_log() -> None:
+    """Train V2 logs every report, metrics dict included, at INFO through a logger named by
+    its file path (so LoggingConfig does not reach it): keep one progress line per epoch."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # a Ray version without that module: stay verbose
+        pass
 
 
 def _ray_report(metrics: dict[str, float], checkpoint_dir: Path | None, name: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from raysegbg import jobs
+from raysegbg.job_commands import prepare_command
 from raysegbg.checkpoint import list_checkpoints
 from raysegbg.errors import RaysegbgError
 from tests.conftest import tiny_overrides
@@ -92,6 +93,23 @@ def _require_job_commands() -> None:
         pytest.skip("raysegbg.cli does not offer `submit` yet: wire in add_job_commands")
 
 
+def _head_env(auth: dict[str, str], gcs_port: int) -> dict[str, str]:
+    """The head's environment, inherited by every Ray process and job on it."""
+    return _clean_env(
+        **auth,
+        # Ray processes that look a cluster up by themselves (Train's placement-group cleaner
+        # uses the State API) would see every Ray on this machine: point them at this one
+        RAY_ADDRESS=f"127.0.0.1:{gcs_port}",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops the node at once
+    )
+
+
+def _head_args(tmp: Path, ports: dict[str, int]) -> list[str]:
+    args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
+    args += ["--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
+    return args + ["--temp-dir", str(tmp / "ray")] + [str(x) for kv in ports.items() for x in kv]
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A token-protected head on 127.0.0.1 (2 CPUs); yields (dashboard URL, client env)."""
@@ -99,46 +117,48 @@ def ray_head(tmp_path_factory):
     token = secrets.token_hex(32)
     (tmp / "token").write_text(token)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp / "token")}
-    dash, low = _free_port(), random.randrange(21000, 29000, 200)
+    low = random.randrange(21000, 29000, 200)  # below the ephemeral range, away from Ray's default
     ports = {
         "--port": _free_port(),
-        "--dashboard-port": dash,
+        "--dashboard-port": _free_port(),
         "--ray-client-server-port": _free_port(),
         "--dashboard-agent-listen-port": _free_port(),
         "--min-worker-port": low,
         "--max-worker-port": low + 199,
     }
-    args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
-    args += ["--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
-    args += ["--temp-dir", str(tmp / "ray")] + [str(x) for kv in ports.items() for x in kv]
     log = tmp / "head.log"
     with log.open("w") as out:
         head = subprocess.Popen(
-            args,
-            env=_clean_env(**auth),
+            _head_args(tmp, ports),
+            env=_head_env(auth, ports["--port"]),
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # its own process group, killed as a whole at the end
         )
     try:
-        url = f"http://127.0.0.1:{dash}"
+        url = f"http://127.0.0.1:{ports['--dashboard-port']}"
         _wait_for_dashboard(url, token, head, log)
         yield url, _clean_env(**auth)
     finally:
         _stop_head(head)
 
 
+def _submit_train(url: str, env: dict[str, str], overrides: list[str], *opts: str):
+    """`raysegbg submit --wait` of a tiny train run; Train polls fast so the job ends promptly."""
+    sets = [x for kv in overrides for x in ("--set", kv)]
+    result = _cli("submit", "--address", url, *opts, "--wait", "--", "train", *sets, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_submit_follow_resume_and_manage(ray_head, tiny_data, tmp_path):
     url, env = ray_head
     runs = tmp_path / "runs"
-    sets = [
-        x for kv in tiny_overrides(tiny_data, runs, **{"scaling.workers": 1}) for x in ("--set", kv)
-    ]
-    done = _cli(
-        "submit", "--address", url, "--name", "job-run", "--wait", "--", "train", *sets, env=env
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    fast = tmp_path / "fast.yaml"  # Train's 10 s health poll would add ~20 s to every tiny job
+    fast.write_text("env_vars: {RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: '0.5'}\n")
+    opts = ("--name", "job-run", "--runtime-env", str(fast))
+    done = _submit_train(url, env, tiny_overrides(tiny_data, runs, **{"scaling.workers": 1}), *opts)
     job_id = done.stdout.split("submitted job ")[1].split()[0]
     assert job_id.startswith("job-run-") and f"job {job_id} SUCCEEDED" in done.stdout
     logs = _cli("logs", job_id, "--address", url, env=env)
@@ -147,11 +167,9 @@ def test_submit_follow_resume_and_manage(ray_head, tiny_data, tmp_path):
     assert (runs / "job-run" / "tb").is_dir()
 
     more = tiny_overrides(tiny_data, runs, **{"scaling.workers": 1, "train.epochs": 3})
-    again = _cli("submit", "--address", url, "--name", "job-run", "--wait", "--", "train",
-                 *[x for kv in more for x in ("--set", kv)], env=env)  # fmt: skip
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    again = _submit_train(url, env, more, *opts)
     assert 3 in {m["epoch"] for _, m in list_checkpoints(runs / "job-run")}
-    assert "epoch   1/3" not in again.stdout  # resumed at epoch 3, not retrained
+    assert "resuming at epoch 3" in again.stdout and "epoch   1/3" not in again.stdout
 
     listed = _cli("jobs", "--address", url, env=env)
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
@@ -209,10 +227,10 @@ def test_prepare_command_settles_name_address_and_config(tiny_data, tmp_path):
     config = str(ROOT / "configs" / "quickstart.yaml")
     outside = tmp_path / "elsewhere.yaml"
     outside.write_text("train:\n  epochs: 1\n")
-    args, name = jobs.prepare_command(["--", "train", "--config", config, *sets], None, ROOT)
+    args, name = prepare_command(["--", "train", "--config", config, *sets], None, ROOT)
     assert name.startswith("baseline-") and args[-4:] == ["--name", name, "--address", "auto"]
     assert args[args.index("--config") + 1] == "configs/quickstart.yaml"  # relative to the job
-    args, name = jobs.prepare_command(["train", "--name=a", "--address", "auto", *sets], None, ROOT)
+    args, name = prepare_command(["train", "--name=a", "--address", "auto", *sets], None, ROOT)
     assert name == "a" and args.count("--name") == 1 and args.count("--address") == 1
     assert jobs.submission_id("my run/1").startswith("my-run-1-")
     for bad, match in [
@@ -222,9 +240,9 @@ def test_prepare_command_settles_name_address_and_config(tiny_data, tmp_path):
         (["train", "--config", str(outside), *sets], "outside"),
     ]:
         with pytest.raises(RaysegbgError, match=match):
-            jobs.prepare_command(bad, None, ROOT)
+            prepare_command(bad, None, ROOT)
     with pytest.raises(RaysegbgError, match="two run names"):
-        jobs.prepare_command(["train", "--name", "a", *sets], "b", ROOT)
+        prepare_command(["train", "--name", "a", *sets], "b", ROOT)
 
 
 def test_runtime_env_ships_project_and_merges_file(tmp_path):
