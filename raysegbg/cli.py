@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     from raysegbg.data.commands import add_data_commands
 
     add_data_commands(sub)
+    from raysegbg.job_commands import add_job_commands
+
+    add_job_commands(sub)
     return parser
 
 

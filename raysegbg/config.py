@@ -72,12 +72,29 @@ class McibiParams:
 
 
 @dataclass(frozen=True)
+class ColabParams:
+    """Context Label Learning: background split into K learned context classes."""
+
+    k: int = 3  # context subclasses of the background
+    update_interval: int = 4  # steps between meta-updates of the task generator
+    generator_encoder: str = "resnet18"
+    generator_depth: int = 3
+    generator_lr: float = 1e-3
+    virtual_lr: float = 0.01  # step size of the virtual SGD step of the segmentation net
+    dice_weight: float = 0.5  # soft Dice next to soft cross entropy
+    distance_weighting: bool = False  # push far-away background toward context 0
+    distance_max: int = 16  # pixels from the foreground at which the push is full
+    meta_update: bool = True  # False = a frozen random generator (the control)
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Which method trains the model, and each method's own parameters."""
 
     name: str = "baseline"
     baseline: BaselineParams = field(default_factory=BaselineParams)
     mcibi: McibiParams = field(default_factory=McibiParams)
+    colab: ColabParams = field(default_factory=ColabParams)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "submit",
         help="run `train` or `tune` as a job on a Ray cluster",
+        usage="raysegbg submit [--address URL] [--name RUN] [--runtime-env F] [--wait] "
+        "-- train|tune [ARGS]",
         description="Ships this project to the cluster and runs `raysegbg COMMAND ...` there. "
         "Re-submitting the same --name resumes that run.",
     )
@@ -38,7 +40,9 @@ def add_job_commands(subparsers: argparse._SubParsersAction) -> None:
         default=False,
         help="stream the logs until the job ends (default: print the job id and return)",
     )
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- train|tune [arguments]")
+    p.add_argument(
+        "job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="train|tune [arguments]"
+    )
     p.set_defaults(func=cmd_submit)
 
     p = subparsers.add_parser("jobs", help="list the jobs on a Ray cluster")
@@ -72,7 +76,7 @@ def _write(text: str) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    command, run_name = prepare_command(args.command, args.name, jobs.project_root())
+    command, run_name = prepare_command(args.job_command, args.name, jobs.project_root())
     sub = jobs.submit(args.address, command, run_name, args.runtime_env)
     print(f"submitted job {sub.job_id} (run {sub.run_name}) to {sub.conn.url}")
     print(f"  entrypoint: {sub.entrypoint}")
@@ -142,11 +146,24 @@ def _pop_option(args: list[str], flag: str) -> tuple[list[str], str | None]:
     return rest, value
 
 
-def _check_config(args: list[str], root: Path | None) -> tuple[list[str], str | None]:
-    """Validate a train config before submitting it; return args with a job-relative --config.
+def _ship_path(args: list[str], flag: str, root: Path | None) -> list[str]:
+    """Make a local file given to `flag` relative to the shipped project (the job's cwd)."""
+    _, value = _pop_option(args, flag)
+    if not value or not root or not Path(value).is_file():
+        return args  # absent, or a path on the cluster: the job checks it
+    path = Path(value).resolve()
+    if not path.is_relative_to(root):
+        raise RaysegbgError(
+            f"{flag} {value} is outside {root}, the folder the job ships: move it into the project"
+        )
+    return [*_pop_option(args, flag)[0], flag, path.relative_to(root).as_posix()]
 
-    Paths in the config must exist on the cluster: the job's working dir is a temporary copy
-    without data/ or runs/, so data and storage must be absolute (shared) paths or URIs.
+
+def _check_config(args: list[str]) -> str | None:
+    """Load the run config as the job will, so a typo fails here; return its method name.
+
+    The job's working dir is a temporary copy without data/ or runs/, so data and storage must
+    be absolute (shared) paths or URIs.
     """
     from raysegbg.config import load_config
 
@@ -155,16 +172,7 @@ def _check_config(args: list[str], root: Path | None) -> tuple[list[str], str | 
     parser.add_argument("--set", action="append", default=[])
     known, _ = parser.parse_known_args(args[1:])
     if known.config and not Path(known.config).is_file():
-        return args, None  # a path on the cluster: the job checks it
-    if known.config and root:
-        path = Path(known.config).resolve()
-        if not path.is_relative_to(root):
-            raise RaysegbgError(
-                f"config {known.config} is outside {root}, the folder the job ships: "
-                "move it under configs/"
-            )
-        args, _ = _pop_option(args, "--config")
-        args += ["--config", path.relative_to(root).as_posix()]
+        return None  # a path on the cluster: the job checks it
     cfg = load_config(known.config, known.set)
     for key, value in (
         ("data.path", cfg.data.path),
@@ -176,13 +184,16 @@ def _check_config(args: list[str], root: Path | None) -> tuple[list[str], str | 
                 f"without data/ and runs/: pass --set {key}=/shared/path (a path every node "
                 "mounts, see cluster/README.md)"
             )
-    return args, cfg.method.name
+    return cfg.method.name
 
 
 def prepare_command(
     command: list[str], name: str | None, root: Path | None
 ) -> tuple[list[str], str]:
-    """The CLI arguments the job runs (run name settled, `--address auto`) and the run name."""
+    """The CLI arguments the job runs (run name settled, `--address auto`) and the run name.
+
+    A search resumed with `tune --resume NAME` keeps that name and gets no `--name`.
+    """
     args = command[1:] if command[:1] == ["--"] else list(command)
     if not args or args[0] not in COMMANDS:
         raise RaysegbgError(
@@ -195,10 +206,15 @@ def prepare_command(
             f"drop --address {own_address} after `--`: a job joins the cluster it runs on; "
             "give the cluster to `raysegbg submit --address`"
         )
-    if name and own_name and name != own_name:
-        raise RaysegbgError(f"two run names, {name} and {own_name}: pass --name once")
-    method = None
-    if args[0] == "train":
-        args, method = _check_config(args, root)
-    run_name = name or own_name or f"{method or args[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resume = _pop_option(args, "--resume")[1] if args[0] == "tune" else None
+    names = {n for n in (name, own_name, resume) if n}
+    if len(names) > 1:
+        raise RaysegbgError(f"several run names ({', '.join(sorted(names))}): pass one")
+    method = _check_config(args)
+    for flag in ("--config", "--space"):
+        args = _ship_path(args, flag, root)
+    if resume:
+        return [*args, "--address", "auto"], resume
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_name = name or own_name or f"{method if args[0] == 'train' and method else args[0]}-{stamp}"
     return [*args, "--name", run_name, "--address", "auto"], run_name

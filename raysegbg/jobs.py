@@ -47,6 +47,8 @@ class Connection:
 
 @dataclass(frozen=True)
 class Submission:
+    """What `submit` did: the job id, the run it trains, the command it runs, where."""
+
     job_id: str
     run_name: str
     entrypoint: str
@@ -188,6 +190,7 @@ def build_runtime_env(runtime_env_file: str | None, root: Path | None) -> dict[s
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A runtime env YAML file, its keys checked against Ray's list before anything is sent."""
     from ray.runtime_env import RuntimeEnv
 
     try:
@@ -196,11 +199,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise RaysegbgError(
             f"cannot read the runtime env {path} ({exc}): pass a YAML file"
         ) from None
-    if not isinstance(values, dict) or set(values) - RuntimeEnv.known_fields:
-        unknown = sorted(set(values) - RuntimeEnv.known_fields) if isinstance(values, dict) else []
+    if not isinstance(values, dict):
+        raise RaysegbgError(f"runtime env {path} must be a YAML mapping of Ray runtime_env keys")
+    unknown = sorted(set(values) - RuntimeEnv.known_fields)
+    if unknown:
         raise RaysegbgError(
-            f"runtime env {path} must be a mapping of Ray runtime_env keys "
-            f"(unknown: {unknown}; valid: {sorted(RuntimeEnv.known_fields)})"
+            f"runtime env {path} has unknown keys {unknown}: "
+            f"valid are {sorted(RuntimeEnv.known_fields)}"
         )
     return values
 
@@ -243,6 +248,7 @@ def job_info(conn: Connection, job_id: str) -> Any:
 
 
 def job_logs(conn: Connection, job_id: str) -> str:
+    """Everything the job printed so far."""
     job_info(conn, job_id)
     with _errors(conn.url, job_id):
         return conn.client.get_job_logs(job_id)

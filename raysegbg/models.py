@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -100,9 +101,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """
 
     group = None  # set by convert_global_bn: a process group of its own (see dist)
+    local = False  # class-wide switch: per-rank statistics (see local_batch_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.world_size() > 1):
+        if not (self.training and dist.world_size() > 1) or GlobalBatchNorm2d.local:
             return super().forward(x)
         dims = (0, 2, 3)
         count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
@@ -126,6 +128,17 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         self.running_mean.mul_(1 - m).add_(mean, alpha=m)
         self.running_var.mul_(1 - m).add_(var, alpha=m)
+
+
+@contextlib.contextmanager
+def local_batch_norm():
+    """Per-rank BatchNorm statistics inside the block: for second-order passes (a meta-gradient
+    through a virtual step), where the cross-rank all-reduce has no double backward."""
+    GlobalBatchNorm2d.local = True
+    try:
+        yield
+    finally:
+        GlobalBatchNorm2d.local = False
 
 
 def convert_global_bn(module: nn.Module, use_gpu: bool) -> nn.Module:

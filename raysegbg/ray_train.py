@@ -90,8 +90,24 @@ def init_ray(address: str | None = None) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        return
+    port = _free_port()
+    # Train's placement-group cleaner (a detached actor) asks the State API whether a run's
+    # controller is still alive; without this variable it auto-detects the cluster, which fails
+    # when several Ray instances share the machine, and the placement group of a killed run
+    # (a trial stopped by ASHA) is never freed: the next trial waits forever. Workers inherit
+    # the environment of the Ray started here, so set it before starting.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(
+        address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+        dashboard_port=port, **kwargs,
+    )  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:

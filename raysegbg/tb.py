@@ -64,6 +64,10 @@ class RunWriter:
         if self.writer is not None:
             self.writer.add_image(tag, hwc, step, dataformats="HWC")
 
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        if self.writer is not None and len(values):
+            self.writer.add_histogram(tag, values, step)
+
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """One hparams record for the run (the HParams dashboard compares runs/trials)."""
         if self.writer is None:

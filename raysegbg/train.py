@@ -88,7 +88,7 @@ class Trainer:
             convert_global_bn(self.method, ctx.device.type == "cuda")
         self.method.to(ctx.device)
         self.model = self._wrap(self.method)
-        self.optimizer = make_optimizer(cfg.optim, self.method.parameters())
+        self.optimizer = make_optimizer(cfg.optim, self.method.optim_parameters())
         self.steps = steps_per_epoch(
             len(self.train_ds), cfg.train.batch_size, cfg.train.steps_per_epoch
         )
@@ -101,11 +101,19 @@ class Trainer:
         use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
         self.epoch, self.step, self.best = 0, 0, -math.inf
+        self.extra: dict[str, float] = {}  # latest method scalars (e.g. a meta loss)
 
     def _wrap(self, method: Method) -> torch.nn.Module:
         if self.ctx.world_size == 1:
             return method
         ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        ignored = [
+            f"{prefix}.{name}"
+            for prefix in method.ddp_ignored_modules()
+            for name, _ in [*method.get_submodule(prefix).named_parameters(),
+                            *method.get_submodule(prefix).named_buffers()]
+        ]  # fmt: skip
+        DDP._set_params_and_buffers_to_ignore_for_model(method, ignored)
         return DDP(method, device_ids=ids, find_unused_parameters=False)
 
     # -- one step / one epoch -------------------------------------------------------------
@@ -116,6 +124,7 @@ class Trainer:
         batch = _to_device(batch, self.ctx.device)
         self.method.train()
         info = StepInfo(self.step, self.epoch, scale)
+        extra = self.method.before_step(batch, info)
         with torch.autocast(self.ctx.device.type, self.amp_dtype, enabled=bool(self.amp_dtype)):
             losses = self.model(batch, info)
         self.optimizer.zero_grad(set_to_none=True)
@@ -125,6 +134,7 @@ class Trainer:
         self.step += 1
         if self.ctx.state is not None:
             self.ctx.state.after_step(self.step, self.method)
+        self.extra.update(extra)
         return {k: v.detach() for k, v in losses.items()}
 
     def train_epoch(self, writer: RunWriter) -> dict[str, float]:
@@ -137,6 +147,7 @@ class Trainer:
             if self.ctx.rank == 0 and (self.step - 1) % LOG_EVERY == 0:
                 writer.scalars({"train/loss": losses["loss"].item()}, self.step)
                 writer.scalars({"lr": self.optimizer.param_groups[0]["lr"]}, self.step)
+                writer.scalars(self.extra, self.step, prefix="train/")
         seconds = time.perf_counter() - start
         names = sorted(sums)
         totals = dist.all_reduce_sum(torch.stack([sums[k] for k in names]).cpu())
@@ -252,6 +263,8 @@ def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
             writer.image("val/images", grid, epoch + 1)
         for tag, image in trainer.method.tb_images().items():
             writer.image(tag, image, epoch + 1)
+        for tag, values in trainer.method.tb_histograms().items():
+            writer.histogram(tag, values, epoch + 1)
         ctx.log(progress_line(metrics, cfg.train.epochs))
     _report(trainer, metrics)
     return metrics

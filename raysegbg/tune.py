@@ -10,9 +10,9 @@ interrupted search can be resumed. The only module besides `ray_train` that impo
 
 from __future__ import annotations
 
-import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,10 @@ from raysegbg.search_space import SearchSpace, apply_params, load_space, parse_s
 from raysegbg.tune_commands import TrialRow, write_reports
 
 SEARCH_FILE = "search.yaml"  # what a resume needs: base config, space, options
-STATUS_FILE = "trial_status.json"
+ASHA_FILE = "asha_rungs.state"  # not .pkl/.json: Tune copies those back over ours on resume
 DRIVER_RESOURCES = {"node:__internal_head__": 0.01}  # drivers take no CPU, live on the head
 ASHA_GRACE, ASHA_REDUCTION = 1, 3  # rungs at epochs 1, 3, 9, 27, ...
+TRIAL_POLL_S = "1"  # seconds between a trial's Train controller polls of its workers
 
 
 @dataclass
@@ -70,6 +71,8 @@ class SearchResult:
 def run_search(opts: SearchOptions, callbacks: list[Any] | None = None) -> SearchResult:
     """Run (or resume) a search and write its reports; `callbacks` are extra Tune callbacks."""
     plan = _resume_plan(opts) if opts.resume else _new_plan(opts)
+    # a resumed trial restarts Tune's iteration count; Optuna then warns on every epoch
+    warnings.filterwarnings("ignore", message="The reported value is ignored")
     init_ray(opts.address)
     search_dir = Path(plan["search_dir"])
     trainable = _trainable(plan)
@@ -96,15 +99,13 @@ def _new_plan(opts: SearchOptions) -> dict[str, Any]:
             f"--resume {name}, or pick another --name"
         )
     search_dir.mkdir(parents=True, exist_ok=True)
-    plan = {
-        "search_dir": str(search_dir), "name": name, "space": _space_data(space),
-        "base": to_dict(base), "trial_base": to_dict(resolved), "metric": opts.metric,
-        "mode": opts.mode, "samples": opts.samples, "scheduler": opts.scheduler,
-        "max_concurrent": opts.max_concurrent, "seed": opts.seed, "grid": opts.grid,
+    samples = len(space.grid()) if opts.grid else opts.samples
+    return {
+        "search_dir": str(search_dir), "name": name, "base": to_dict(base),
+        "trial_base": to_dict(resolved), "space": yaml.safe_load(Path(opts.space).read_text()),
+        "metric": opts.metric, "mode": opts.mode, "samples": samples, "seed": opts.seed,
+        "scheduler": opts.scheduler, "max_concurrent": opts.max_concurrent, "grid": opts.grid,
     }  # fmt: skip
-    if opts.grid:
-        plan["samples"] = len(space.grid())
-    return plan
 
 
 def _check_options(opts: SearchOptions) -> None:
@@ -135,23 +136,6 @@ def _preflight(cfg: Config, space: SearchSpace, address: str | None) -> None:
         check_model_config(probe.model)
 
 
-def _space_data(space: SearchSpace) -> dict[str, Any]:
-    """The compiled space as plain data (stored in search.yaml, re-parsed on resume)."""
-    params = {}
-    for p in space.params:
-        spec: dict[str, Any] = {"type": p.kind}
-        if p.kind == "categorical":
-            spec["choices"] = list(p.choices)
-        else:
-            spec.update(low=p.low, high=p.high)
-            spec.update({"step": p.step} if p.step is not None and p.kind != "log_float" else {})
-            spec.update({"log": True} if p.log else {})
-        if p.when:
-            spec["when"] = {name: list(values) for name, values in p.when}
-        params[p.name] = spec
-    return {"params": params}
-
-
 def _resume_plan(opts: SearchOptions) -> dict[str, Any]:
     storage = Path(load_config(opts.config, opts.overrides).logging.storage_path)
     search_dir = (storage / opts.resume).expanduser().resolve()
@@ -167,18 +151,26 @@ def _resume_plan(opts: SearchOptions) -> dict[str, Any]:
             f"search {opts.resume} stopped before Tune saved its state: start it again "
             f"without --resume (delete {search_dir} first)"
         )
-    return yaml.safe_load((search_dir / SEARCH_FILE).read_text())
+    plan = yaml.safe_load((search_dir / SEARCH_FILE).read_text())
+    preflight(from_dict(plan["trial_base"]), opts.address)  # the data may have moved since
+    return plan
 
 
 # -- Ray: resources, the tuner, the per-trial driver --------------------------------------------
 def plan_resources(cfg: dict[str, Any], max_concurrent: int, samples: int) -> tuple[dict, int]:
     """CPUs per worker and concurrent trials that fit the cluster: a Train run starts only
-    when all its workers fit at once, so more trials than that would wait forever."""
+    when all its workers fit at once, so more trials than that would wait forever.
+
+    By default every worker gets one CPU (or the CPUs shared between the GPU trials) and as
+    many trials run as fit; `max_concurrent` caps that and shares the CPUs between them.
+    """
     total = ray.cluster_resources()
     cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
     scaling = cfg["scaling"]
     workers = scaling["workers"]
-    per_worker = scaling["cpus_per_worker"] or max(1, cpus // (max(1, max_concurrent) * workers))
+    want = max_concurrent or (gpus // workers if scaling["use_gpu"] else cpus // workers)
+    want = max(1, min(want, samples))
+    per_worker = scaling["cpus_per_worker"] or max(1, cpus // (want * workers))
     fits = cpus // (workers * per_worker)
     if scaling["use_gpu"]:
         fits = min(fits, gpus // workers)
@@ -189,10 +181,9 @@ def plan_resources(cfg: dict[str, Any], max_concurrent: int, samples: int) -> tu
             f"cluster has {cpus} CPUs and {gpus} GPUs: lower scaling.workers or "
             "scaling.cpus_per_worker"
         )
-    concurrent = min(max_concurrent or fits, fits, samples)
-    if max_concurrent > fits:
-        print(f"--max-concurrent {max_concurrent}: only {fits} trials fit; running {fits}")
-    return apply_params(cfg, {"scaling.cpus_per_worker": per_worker}), concurrent
+    if want > fits:
+        print(f"--max-concurrent {want}: only {fits} trials fit the cluster; running {fits}")
+    return apply_params(cfg, {"scaling.cpus_per_worker": per_worker}), min(want, fits)
 
 
 def _trainable(plan: dict[str, Any]) -> Any:
@@ -213,15 +204,15 @@ def _new_tuner(plan: dict[str, Any], trainable: Any, callbacks: list[Any]) -> ra
         searcher = OptunaSearch(
             space, metric=plan["metric"], mode=plan["mode"], sampler=_sampler(plan["seed"], samples)
         )
+    epochs = plan["trial_base"]["train"]["epochs"]
     scheduler: Any = FIFOScheduler()
-    if plan["scheduler"] == "asha":
-        epochs = plan["trial_base"]["train"]["epochs"]
-        scheduler = ASHAScheduler(
-            time_attr="epoch",
-            max_t=epochs,
-            grace_period=ASHA_GRACE,
-            reduction_factor=ASHA_REDUCTION,
-        )
+    if plan["scheduler"] == "asha" and epochs > ASHA_GRACE:
+        # rungs only before the last epoch, and no stop at max_t: a trial that survives every
+        # rung ends by itself, so its run closes cleanly (final checkpoint, TensorBoard)
+        scheduler = _ResumableASHA(
+            str(Path(plan["search_dir"]) / ASHA_FILE), time_attr="epoch", max_t=epochs - 1,
+            grace_period=ASHA_GRACE, reduction_factor=ASHA_REDUCTION, stop_last_trials=False,
+        )  # fmt: skip
     # our writers own TensorBoard (one session per trial); keep Tune's CSV/JSON results only
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     return ray.tune.Tuner(
@@ -234,8 +225,7 @@ def _new_tuner(plan: dict[str, Any], trainable: Any, callbacks: list[Any]) -> ra
         ),
         run_config=ray.tune.RunConfig(
             name=plan["name"], storage_path=str(Path(plan["search_dir"]).parent),
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), _StatusCallback(plan)]
-            + callbacks,
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *callbacks],
             verbose=1,
         ),
     )  # fmt: skip
@@ -255,6 +245,10 @@ def _trial_driver(params: dict[str, Any], base: dict[str, Any], search_dir: str)
     """Runs in each trial's Tune actor: the sampled config as a Train run named by trial id."""
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, params, search_dir, trial_id)
+    # Train hands each report to its controller at a poll and a worker blocks on its next
+    # report until then: poll often so short epochs are not stretched and ASHA's stop lands
+    # within about an epoch (propagated from this process to the run's controller)
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = TRIAL_POLL_S
     run_trainer(cfg, callbacks=[_StampedReport()])  # raises (trial error) if the run fails
 
 
@@ -262,6 +256,30 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], storage: str, nam
     """The config of one trial: base + sampled values, its run under `<storage>/<name>`."""
     values = apply_params(base, {**params, "logging.storage_path": storage, "logging.name": name})
     return from_dict(values)
+
+
+class _ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive `--resume`: Tune 2.60 restores the searcher but not the
+    scheduler, so a resumed search would judge new trials against an empty history."""
+
+    def __init__(self, state_file: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._state_file, self._loaded = state_file, False
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if not self._loaded and Path(self._state_file).is_file():
+            self.restore(self._state_file)  # the rungs recorded before the interruption
+        self._loaded = True
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        self.save(self._state_file)
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self.save(self._state_file)
 
 
 class _StampedReport(TuneReportCallback):
@@ -273,37 +291,13 @@ class _StampedReport(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-class _StatusCallback(ray.tune.Callback):
-    """Records how each trial ended (finished / stopped by ASHA / error) in the search folder,
-    and prints one line per ended trial."""
-
-    def __init__(self, plan: dict[str, Any]):
-        self.path = Path(plan["search_dir"]) / STATUS_FILE
-        self.epochs, self.metric = plan["trial_base"]["train"]["epochs"], plan["metric"]
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        epoch = (trial.last_result or {}).get("epoch", 0)
-        self._record(trial, "finished" if epoch >= self.epochs else "stopped")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._record(trial, "error")
-
-    def _record(self, trial: Any, status: str) -> None:
-        found = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        found[trial.trial_id] = status
-        self.path.write_text(json.dumps(found, indent=1))
-        last = trial.last_result or {}
-        value = last.get(self.metric, float("nan"))
-        print(f"trial {trial.trial_id} {status} at epoch {last.get('epoch', 0)}: "
-              f"{self.metric} {value:.4f}")  # fmt: skip
-
-
 # -- after: rows, reports ---------------------------------------------------------------------
 def _finish(plan: dict[str, Any], results: Any) -> SearchResult:
     search_dir = Path(plan["search_dir"])
-    statuses = json.loads((search_dir / STATUS_FILE).read_text()) if (
-        search_dir / STATUS_FILE).is_file() else {}  # fmt: skip
-    rows = [_row(r, statuses, plan["metric"]) for r in results]
+    # Tune's own record of how each trial ended (the result grid does not say)
+    trials = {t.trial_id: t for t in ray.tune.ExperimentAnalysis(str(search_dir)).trials}
+    epochs = plan["trial_base"]["train"]["epochs"]
+    rows = [_row(r, trials, plan["metric"], epochs) for r in results]
     space = parse_space(plan["space"], SEARCH_FILE)
     best = write_reports(search_dir, rows, space, plan["base"], plan["metric"], plan["mode"])
     done = sum(r.status != "unfinished" for r in rows)
@@ -312,12 +306,14 @@ def _finish(plan: dict[str, Any], results: Any) -> SearchResult:
     )
 
 
-def _row(result: Any, statuses: dict[str, str], metric: str) -> TrialRow:
-    trial_id = Path(result.path).name
+def _row(result: Any, trials: dict[str, Any], metric: str, epochs: int) -> TrialRow:
+    trial_id = Path(result.path).name  # trial folders are named by trial id
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    status = "error" if result.error else statuses.get(trial_id, "unfinished")
-    params = {k: v for k, v in (result.config or {}).items()}
+    epoch = int(metrics.get("epoch", 0))
+    tune_status = getattr(trials.get(trial_id), "status", "")
+    status = {"ERROR": "error", "TERMINATED": "finished" if epoch >= epochs else "stopped"}
+    error = str(result.error).strip().splitlines()[-1][:200] if result.error else ""
     return TrialRow(
-        trial_id, params, float(metrics.get(metric, float("nan"))), int(metrics.get("epoch", 0)),
-        status, metrics, str(result.error or "").splitlines()[0] if result.error else "",
+        trial_id, dict(result.config or {}), float(metrics.get(metric, float("nan"))), epoch,
+        status.get(tune_status, "unfinished"), metrics, error,
     )  # fmt: skip

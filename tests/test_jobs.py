@@ -7,6 +7,7 @@ without a head check the argument handling and the fail-fast errors.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import secrets
@@ -21,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from raysegbg import jobs
-from raysegbg.job_commands import prepare_command
 from raysegbg.checkpoint import list_checkpoints
 from raysegbg.errors import RaysegbgError
+from raysegbg.job_commands import add_job_commands, prepare_command
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +209,20 @@ def test_unreachable_address_fails_fast(address, tiny_data, tmp_path):
     assert result.returncode == 2 and "cannot reach the Ray dashboard" in result.stderr
 
 
+def test_job_commands_parse_behind_the_main_parser():
+    parser = argparse.ArgumentParser(prog="raysegbg")
+    add_job_commands(parser.add_subparsers(dest="command", required=True))
+    argv = ["submit", "--address", "http://h:8265", "--name", "r", "--", "train", "--set", "a=1"]
+    args = parser.parse_args(argv)
+    assert args.job_command == ["--", "train", "--set", "a=1"] and args.name == "r"
+    assert args.wait is False and parser.parse_args([*argv[:1], "--wait", "--", "tune"]).wait
+    assert parser.parse_args(["logs", "j1", "-f"]).follow
+    for name in ("submit", "jobs", "status", "logs", "stop"):
+        assert callable(
+            parser.parse_args([name] + ([] if name in ("submit", "jobs") else ["j"])).func
+        )
+
+
 def test_address_from_env_and_normalised(monkeypatch):
     monkeypatch.delenv("RAYSEGBG_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -241,8 +256,14 @@ def test_prepare_command_settles_name_address_and_config(tiny_data, tmp_path):
     ]:
         with pytest.raises(RaysegbgError, match=match):
             prepare_command(bad, None, ROOT)
-    with pytest.raises(RaysegbgError, match="two run names"):
+    with pytest.raises(RaysegbgError, match="several run names"):
         prepare_command(["train", "--name", "a", *sets], "b", ROOT)
+    space = str(ROOT / "configs" / "quickstart.yaml")  # any file inside the project
+    args, name = prepare_command(["tune", "--space", space, "--resume", "s1", *sets], None, ROOT)
+    assert name == "s1" and "--name" not in args and args[-2:] == ["--address", "auto"]
+    assert args[args.index("--space") + 1] == "configs/quickstart.yaml"
+    args, name = prepare_command(["tune", *sets], None, ROOT)
+    assert name.startswith("tune-") and args[args.index("--name") + 1] == name
 
 
 def test_runtime_env_ships_project_and_merges_file(tmp_path):
@@ -253,5 +274,5 @@ def test_runtime_env_ships_project_and_merges_file(tmp_path):
     assert env["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
     assert "py_modules" in jobs.build_runtime_env(None, None)
     (tmp_path / "bad.yaml").write_text("workdir: .\n")
-    with pytest.raises(RaysegbgError, match="unknown: \\['workdir'\\]"):
+    with pytest.raises(RaysegbgError, match="unknown keys \\['workdir'\\]"):
         jobs.build_runtime_env(str(tmp_path / "bad.yaml"), ROOT)

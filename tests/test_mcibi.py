@@ -30,7 +30,7 @@ def test_update_rule_matches_direct_computation():
     masks = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [255, 255, 0, 0], [255, 255, 0, 0]]])
     method.update_memory(feats, masks, momentum=0.3)
     # direct: labels at feature resolution (2x2), class 0 weighted by 1 - cos, class 1 plain mean
-    labels = torch.tensor([0, 1, 255, 0])
+    # feature pixels (row-major): class 0, class 1, ignored, class 0
     flat = feats.permute(0, 2, 3, 1).reshape(-1, 8)
     old0 = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0])
     w = torch.tensor([1 - F.cosine_similarity(flat[i], old0, dim=0) for i in (0, 3)])

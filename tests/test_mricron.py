@@ -40,6 +40,7 @@ def test_brain_mask_import(tmp_path, capsys):
 def test_atlas_import(tmp_path):
     out = tmp_path / "ch2_aal"
     args = ["data", "import", "nifti", "--image", T / "ch2.nii.gz", "--label", T / "aal.nii.gz",
-            "--size", "64", "64", "--min-foreground", "0.01", "--slab", "8", "--out", out]  # fmt: skip
+            "--size", "64", "64", "--min-foreground", "0.01", "--slab", "8",
+            "--out", out]  # fmt: skip
     assert main([str(a) for a in args]) == 0
     assert read_meta(out).num_classes > 100  # the AAL regions, remapped to contiguous ids

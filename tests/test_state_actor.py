@@ -76,7 +76,7 @@ def test_actor_crash_mid_run(ray_local, tmp_path):
     assert int(snap["version"]) == int(holder.memory.version) == 40
     np.testing.assert_array_equal(snap["memory"], holder.memory.memory.numpy())
     got = client.get_labels(ids[:10] + ids[-10:])
-    for (mask, conf, step), k in zip(got, list(range(10)) + list(range(990, 1000)), strict=True):
+    for (mask, _conf, step), k in zip(got, list(range(10)) + list(range(990, 1000)), strict=True):
         assert mask.tobytes() == masks[k].tobytes() and step == 0
     state_actor.destroy("crash-test")
 

@@ -7,6 +7,7 @@ from raysegbg.errors import RaysegbgError
 METHODS: dict[str, str] = {
     "baseline": "raysegbg.methods.baseline:Baseline",
     "mcibi": "raysegbg.methods.mcibi:Mcibi",
+    "colab": "raysegbg.methods.colab:Colab",
 }
 
 

@@ -50,6 +50,23 @@ class Method(nn.Module):
         """Logits (B, num_classes, H, W) for evaluation and inference."""
         raise NotImplementedError
 
+    def optim_parameters(self):
+        """Parameters of the main optimiser (methods with their own inner optimiser narrow it)."""
+        return self.parameters()
+
+    def ddp_ignored_modules(self) -> list[str]:
+        """Submodules DDP must not synchronise (their gradients are reduced by the method)."""
+        return []
+
+    def before_step(self, batch: Batch, info: StepInfo) -> dict[str, float]:
+        """Runs on the unwrapped method before each training step (e.g. a meta-update);
+        returns scalars to log. Every rank calls it at the same steps."""
+        return {}
+
+    def tb_histograms(self) -> dict:
+        """Method-specific histograms for TensorBoard (tag -> 1-D array), once per epoch."""
+        return {}
+
     def tb_images(self) -> dict:
         """Method-specific images for TensorBoard (tag -> H×W×3 uint8), once per epoch."""
         return {}

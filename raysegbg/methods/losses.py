@@ -8,6 +8,11 @@ import torch.nn.functional as F
 from raysegbg.dist import global_mean
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision (AMP) tensors; float64 stays float64 (gradient checks)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -16,7 +21,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Mean CE over the valid pixels of the global batch."""
     per_pixel = F.cross_entropy(
-        logits.float(), target, weight=weight, ignore_index=ignore_index, reduction="none"
+        upcast(logits), target, weight=weight, ignore_index=ignore_index, reduction="none"
     )
     valid = target != ignore_index
     if weight is not None:
@@ -31,9 +36,10 @@ def soft_dice(
 ) -> torch.Tensor:
     """1 - soft Dice per image and foreground class, averaged over images (rank-linear)."""
     num_classes = logits.shape[1]
-    probs = logits.float().softmax(1)
-    valid = (target != ignore_index).unsqueeze(1).float()
-    onehot = F.one_hot(target.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+    probs = upcast(logits).softmax(1)
+    valid = (target != ignore_index).unsqueeze(1).to(probs.dtype)
+    onehot = F.one_hot(target.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2)
+    onehot = onehot.to(probs.dtype)
     probs, onehot = probs * valid, onehot * valid
     inter = (probs * onehot).sum((2, 3))[:, 1:]
     denom = (probs + onehot).sum((2, 3))[:, 1:]

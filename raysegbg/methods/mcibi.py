@@ -68,8 +68,7 @@ class Mcibi(Method):
         super().__init__(cfg, num_classes, in_channels, ignore_index)
         p = self.params = cfg.method.mcibi
         self.net = build_model(cfg.model, in_channels, num_classes)
-        channels = cfg.model.decoder_channels[-1] if cfg.model.arch.lower() in (
-            "unet", "unetplusplus", "manet") else self.net.segmentation_head[0].in_channels  # fmt: skip
+        channels = self.net.segmentation_head[0].in_channels  # the decoder's output width
         self.net.segmentation_head = nn.Identity()  # replaced by the two-stage heads below
         self.project = conv_bn_relu(channels, p.dims)
         self.stage1 = nn.Conv2d(p.dims, num_classes, 1)
@@ -148,4 +147,8 @@ class Mcibi(Method):
         sim = (m @ m.T).clamp(-1, 1).cpu().numpy()
         rgb = np.stack([np.clip(sim, 0, 1), 1 - np.abs(sim), np.clip(-sim, 0, 1)], -1)
         cell = max(1, 128 // len(sim))
-        return {"mcibi/memory_cosine": np.kron(rgb, np.ones((cell, cell, 1))).__mul__(255).astype(np.uint8)}
+        return {
+            "mcibi/memory_cosine": np.kron(rgb, np.ones((cell, cell, 1)))
+            .__mul__(255)
+            .astype(np.uint8)
+        }
