@@ -46,7 +46,9 @@ def main() -> None:
         for k in args.k:
             variants[f"colab K={k}"] = ["method.name=colab", f"method.colab.k={k}"]
         variants["frozen gen K=3"] = [
-            "method.name=colab", "method.colab.k=3", "method.colab.meta_update=false"
+            "method.name=colab",
+            "method.colab.k=3",
+            "method.colab.meta_update=false",
         ]
         rows = compare(tasks, variants, args.seeds, METRICS)
     print(f"\nseeds {args.seeds}; {args.epochs} epochs x {args.steps} steps; test split\n")

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     from raysegbg.job_commands import add_job_commands
 
     add_job_commands(sub)
+    from raysegbg.tune_commands import add_tune_commands
+
+    add_tune_commands(sub)
     return parser
 
 

@@ -159,12 +159,19 @@ def _parse_param(name: str, spec: Any, earlier: list[Param], source: str) -> Par
         )
     when = _parse_when(spec.get("when"), where, earlier, source)
     if kind == "categorical":
-        return Param(
-            name, kind, choices=_parse_choices(spec.get("choices"), where, source), when=when
-        )
+        choices = _parse_choices(spec.get("choices"), where, source)
+        return Param(name, kind, choices=choices, when=when)
+    low, high, step, log = _parse_range(spec, kind, where, source)
+    return Param(name, kind, low, high, step, log, when=when)
+
+
+def _parse_range(spec: dict, kind: str, where: str, source: str) -> tuple:
+    """(low, high, step, log) of a numeric parameter, checked."""
     low, high = (_number(spec.get(k), k, kind, where, source) for k in ("low", "high"))
-    if not low < high:
-        raise _error(source, f"{where}: empty range low={low} >= high={high}: need low < high")
+    if low == high:
+        raise _error(source, f"{where}: empty range (low = high = {low}): widen it")
+    if low > high:
+        raise _error(source, f"{where}: inverted range low={low} > high={high}: swap them")
     if kind == "log_float" and low <= 0:
         raise _error(source, f"{where}: log_float needs low > 0 (got {low}): use type float")
     step = spec.get("step")
@@ -172,12 +179,11 @@ def _parse_param(name: str, spec: Any, earlier: list[Param], source: str) -> Par
         step = _number(step, "step", kind, where, source)
         if step <= 0 or step > high - low:
             raise _error(source, f"{where}: step {step} must be > 0 and <= high - low")
-    if kind == "int":
-        step = 1 if step is None else step
+    step = 1 if kind == "int" and step is None else step
     log = spec.get("log", False)
     if not isinstance(log, bool) or (log and (low <= 0 or step != 1)):
         raise _error(source, f"{where}: `log: true` needs low > 0 and no step")
-    return Param(name, kind, low, high, step, log, when=when)
+    return low, high, step, log
 
 
 def _number(value: Any, key: str, kind: str, where: str, source: str) -> int | float:
@@ -214,26 +220,25 @@ def _parse_when(when: Any, where: str, earlier: list[Param], source: str) -> tup
     if when is None:
         return ()
     if not isinstance(when, dict) or not when:
-        raise _error(source, f"{where}: `when` must map a parameter to a value, e.g. "
-                     "{method.name: baseline}")  # fmt: skip
+        example = "{method.name: baseline}"
+        raise _error(source, f"{where}: `when` must map a parameter to values, e.g. {example}")
     by_name = {p.name: p for p in earlier}
-    conditions = []
-    for name, values in when.items():
-        parent = by_name.get(name)
-        if parent is None or parent.kind != "categorical":
-            raise _error(
-                source, f"{where}: condition on '{name}', which is not a categorical parameter "
-                "defined above it: define that parameter first (order matters)"
-            )  # fmt: skip
-        values = tuple(values) if isinstance(values, list) else (values,)
-        missing = [v for v in values if v not in parent.choices]
-        if missing:
-            raise _error(
-                source, f"{where}: when {name}={missing[0]!r}, but that is not one of its "
-                f"choices ({', '.join(map(str, parent.choices))}): add it there or drop the branch"
-            )  # fmt: skip
-        conditions.append((name, values))
-    return tuple(conditions)
+    return tuple(
+        _condition(name, values, by_name.get(name), where, source) for name, values in when.items()
+    )
+
+
+def _condition(name: str, values: Any, parent: Param | None, where: str, source: str) -> tuple:
+    if parent is None or parent.kind != "categorical":
+        message = f"condition on '{name}', which is not a categorical parameter defined above it"
+        raise _error(source, f"{where}: {message}: define that parameter first (order matters)")
+    values = tuple(values) if isinstance(values, list) else (values,)
+    missing = [v for v in values if v not in parent.choices]
+    if missing:
+        choices = ", ".join(map(str, parent.choices))
+        message = f"when {name}={missing[0]!r}, but that is not one of its choices ({choices})"
+        raise _error(source, f"{where}: {message}: add it there or drop the branch")
+    return name, values
 
 
 def check_space(space: SearchSpace, base: Config) -> None:

@@ -35,7 +35,7 @@ from raysegbg.tune_commands import TrialRow, write_reports
 SEARCH_FILE = "search.yaml"  # what a resume needs: base config, space, options
 ASHA_FILE = "asha_rungs.state"  # not .pkl/.json: Tune copies those back over ours on resume
 DRIVER_RESOURCES = {"node:__internal_head__": 0.01}  # drivers take no CPU, live on the head
-ASHA_GRACE, ASHA_REDUCTION = 1, 3  # rungs at epochs 1, 3, 9, 27, ...
+ASHA_REDUCTION = 3  # a third of the trials at a rung go on
 TRIAL_POLL_S = "1"  # seconds between a trial's Train controller polls of its workers
 
 
@@ -49,6 +49,7 @@ class SearchOptions:
     samples: int = 20
     max_concurrent: int = 0  # 0 = as many as the cluster's CPUs/GPUs hold
     scheduler: str = "asha"  # asha | none
+    grace: int = 0  # epochs before ASHA's first rung; 0 = a quarter of train.epochs (>= 1)
     name: str = ""
     resume: str = ""
     address: str | None = None
@@ -73,6 +74,8 @@ def run_search(opts: SearchOptions, callbacks: list[Any] | None = None) -> Searc
     plan = _resume_plan(opts) if opts.resume else _new_plan(opts)
     # a resumed trial restarts Tune's iteration count; Optuna then warns on every epoch
     warnings.filterwarnings("ignore", message="The reported value is ignored")
+    # our writers own TensorBoard (one session per trial); Tune keeps its CSV/JSON results only
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     init_ray(opts.address)
     search_dir = Path(plan["search_dir"])
     trainable = _trainable(plan)
@@ -104,7 +107,8 @@ def _new_plan(opts: SearchOptions) -> dict[str, Any]:
         "search_dir": str(search_dir), "name": name, "base": to_dict(base),
         "trial_base": to_dict(resolved), "space": yaml.safe_load(Path(opts.space).read_text()),
         "metric": opts.metric, "mode": opts.mode, "samples": samples, "seed": opts.seed,
-        "scheduler": opts.scheduler, "max_concurrent": opts.max_concurrent, "grid": opts.grid,
+        "scheduler": opts.scheduler, "grace": opts.grace, "max_concurrent": opts.max_concurrent,
+        "grid": opts.grid,
     }  # fmt: skip
 
 
@@ -114,6 +118,7 @@ def _check_options(opts: SearchOptions) -> None:
     checks = [
         (opts.samples >= 1, f"--samples must be >= 1, got {opts.samples}"),
         (opts.max_concurrent >= 0, "--max-concurrent must be >= 0 (0 = from the resources)"),
+        (opts.grace >= 0, "--grace must be >= 0 epochs (0 = a quarter of train.epochs)"),
         (opts.scheduler in ("asha", "none"), f"--scheduler {opts.scheduler}: use asha or none"),
         (opts.mode in ("max", "min"), f"--mode {opts.mode}: use max or min"),
         (
@@ -198,23 +203,16 @@ def _new_tuner(plan: dict[str, Any], trainable: Any, callbacks: list[Any]) -> ra
     space = parse_space(plan["space"], SEARCH_FILE)
     if plan["grid"]:
         param_space = {k: ray.tune.grid_search(list(space.param(k).choices)) for k in space.names}
-        searcher, samples = BasicVariantGenerator(), 1
+        searcher, samples = BasicVariantGenerator(max_concurrent=plan["concurrent"]), 1
     else:
         param_space, samples = {}, plan["samples"]
         searcher = OptunaSearch(
-            space, metric=plan["metric"], mode=plan["mode"], sampler=_sampler(plan["seed"], samples)
+            space,
+            metric=plan["metric"],
+            mode=plan["mode"],
+            sampler=make_sampler(plan["seed"], samples),
         )
-    epochs = plan["trial_base"]["train"]["epochs"]
-    scheduler: Any = FIFOScheduler()
-    if plan["scheduler"] == "asha" and epochs > ASHA_GRACE:
-        # rungs only before the last epoch, and no stop at max_t: a trial that survives every
-        # rung ends by itself, so its run closes cleanly (final checkpoint, TensorBoard)
-        scheduler = _ResumableASHA(
-            str(Path(plan["search_dir"]) / ASHA_FILE), time_attr="epoch", max_t=epochs - 1,
-            grace_period=ASHA_GRACE, reduction_factor=ASHA_REDUCTION, stop_last_trials=False,
-        )  # fmt: skip
-    # our writers own TensorBoard (one session per trial); keep Tune's CSV/JSON results only
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    scheduler = _scheduler(plan)
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
@@ -231,7 +229,20 @@ def _new_tuner(plan: dict[str, Any], trainable: Any, callbacks: list[Any]) -> ra
     )  # fmt: skip
 
 
-def _sampler(seed: int, samples: int) -> optuna.samplers.BaseSampler:
+def _scheduler(plan: dict[str, Any]) -> Any:
+    """ASHA on epochs: rungs at grace, grace x 3, ... before the last epoch, and no stop at
+    the end, so a trial that survives every rung ends by itself and its run closes cleanly."""
+    epochs = plan["trial_base"]["train"]["epochs"]
+    grace = plan["grace"] or max(1, epochs // 4)
+    if plan["scheduler"] != "asha" or grace >= epochs:
+        return FIFOScheduler()
+    return _ResumableASHA(
+        str(Path(plan["search_dir"]) / ASHA_FILE), time_attr="epoch", max_t=epochs - 1,
+        grace_period=grace, reduction_factor=ASHA_REDUCTION, stop_last_trials=False,
+    )  # fmt: skip
+
+
+def make_sampler(seed: int, samples: int) -> optuna.samplers.BaseSampler:
     """Seeded TPE; random start scaled to the budget; `constant_liar` for concurrent trials."""
     startup = min(10, max(2, samples // 3))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)

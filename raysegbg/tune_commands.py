@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,17 +37,35 @@ def add_tune_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--space", help="search-space YAML, e.g. search_spaces/baseline.yaml")
     p.add_argument("--config", help="base run config YAML (see configs/)")
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a base config key, e.g. --set train.epochs=9 (repeatable)",
-    )  # fmt: skip
+    )
     p.add_argument("--samples", type=int, default=20, help="number of trials (default 20)")
     p.add_argument(
-        "--max-concurrent", type=int, default=0,
+        "--max-concurrent",
+        type=int,
+        default=0,
         help="trials at once (default: as many as the cluster's CPUs/GPUs hold)",
-    )  # fmt: skip
+    )
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha")
+    p.add_argument(
+        "--grace",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="epochs every trial gets before ASHA may stop it (default: a quarter of "
+        "train.epochs); rungs at grace x 3^k",
+    )
     p.add_argument("--name", help="search name (default: tune-<space>-<time>)")
-    p.add_argument("--resume", metavar="NAME", help="continue an interrupted search")
+    p.add_argument(
+        "--resume",
+        metavar="NAME",
+        help="continue an interrupted search (its stored space and options; pass the same "
+        "--config/--set so its storage path is found)",
+    )
     p.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
     p.add_argument("--metric", default="val/miou", help="metric to optimise (default val/miou)")
     p.add_argument("--mode", choices=("max", "min"), default="max")
@@ -57,20 +76,13 @@ def add_tune_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from raysegbg.tune import SearchOptions, run_search
 
-    opts = SearchOptions(
-        space=args.space, config=args.config, overrides=args.set, samples=args.samples,
-        max_concurrent=args.max_concurrent, scheduler=args.scheduler, name=args.name or "",
-        resume=args.resume or "", address=args.address, metric=args.metric, mode=args.mode,
-        seed=args.seed,
-    )  # fmt: skip
-    result = run_search(opts)
+    result = run_search(SearchOptions(**_options(args)))
     print("\n" + format_table(result.rows, result.metric))
     out = result.search_dir
     if result.interrupted:
         done = sum(r.status != "unfinished" for r in result.rows)
-        print(f"\nsearch interrupted after {done} of {result.samples} trials: continue it with "
-              f"raysegbg tune --resume {out.name}" + (f" --config {args.config}" if args.config
-              else ""))  # fmt: skip
+        print(f"\nsearch interrupted after {done} of {result.samples} trials; continue it with")
+        print(f"  {_resume_command(args, out.name)}")
         return 1
     if result.best is not None:
         print(f"\nbest trial {result.best.trial_id}: {result.metric} {result.best.metric:.4f}")
@@ -80,10 +92,28 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """SearchOptions fields from the parsed arguments."""
+    same = ("space", "config", "samples", "max_concurrent", "scheduler", "grace", "address")
+    opts = {key: getattr(args, key) for key in (*same, "metric", "mode", "seed")}
+    return {**opts, "overrides": args.set, "name": args.name or "", "resume": args.resume or ""}
+
+
+def _resume_command(args: argparse.Namespace, name: str) -> str:
+    """The command that continues this search (the base config tells where it is stored)."""
+    words = ["raysegbg", "tune", "--resume", name]
+    words += ["--config", args.config] if args.config else []
+    for override in args.set:
+        words += ["--set", override]
+    words += ["--address", args.address] if args.address else []
+    return shlex.join(words)
+
+
 # -- reports ----------------------------------------------------------------------------------
-SUMMARY_CSV, BEST_CONFIG, PLOT, HPARAMS_DIR = (
-    "summary.csv", "best_config.yaml", "metric_vs_params.png", "hparams",
-)  # fmt: skip
+SUMMARY_CSV = "summary.csv"
+BEST_CONFIG = "best_config.yaml"
+PLOT = "metric_vs_params.png"
+HPARAMS_DIR = "hparams"
 
 
 @dataclass
@@ -107,9 +137,13 @@ def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
 
 
 def write_reports(
-    search_dir: Path, rows: list[TrialRow], space: SearchSpace, base: dict[str, Any],
-    metric: str, mode: str,
-) -> TrialRow | None:  # fmt: skip
+    search_dir: Path,
+    rows: list[TrialRow],
+    space: SearchSpace,
+    base: dict[str, Any],
+    metric: str,
+    mode: str,
+) -> TrialRow | None:
     """Write every report of the search; returns the best trial (None if none scored)."""
     best = best_row(rows, mode)
     write_csv(search_dir / SUMMARY_CSV, rows, space.names, metric)
@@ -128,8 +162,8 @@ def format_table(rows: list[TrialRow], metric: str) -> str:
         cells = [r.trial_id, r.status, str(r.epochs), _fmt(r.metric)]
         lines.append(cells + [_fmt(r.params[n]) if n in r.params else "-" for n in names])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)  # fmt: skip
+    padded = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(line.rstrip() for line in padded)
 
 
 def write_csv(path: Path, rows: list[TrialRow], names: list[str], metric: str) -> None:
@@ -152,7 +186,7 @@ def write_best_config(path: Path, base: dict[str, Any], best: TrialRow, metric: 
 
 
 def plot_metric(path: Path, rows: list[TrialRow], space: SearchSpace, metric: str) -> None:
-    """One panel per parameter: each trial's metric against its value, by status."""
+    """One panel per parameter: each trial's metric against its value, by how it ended."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,22 +194,39 @@ def plot_metric(path: Path, rows: list[TrialRow], space: SearchSpace, metric: st
 
     names = space.names
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
-    markers = {"finished": "o", "stopped": "x", "unfinished": "^"}
     for ax, name in zip(axes[0], names, strict=True):
-        param = space.param(name)
-        for status, marker in markers.items():
-            shown = [r for r in rows if r.status == status and name in r.params]
-            xs = [str(r.params[name]) if param.kind == "categorical" else r.params[name]
-                  for r in shown]  # fmt: skip
-            ax.scatter(xs, [r.metric for r in shown], marker=marker, label=status)
-        if param.kind == "log_float" or param.log:
-            ax.set_xscale("log")
-        ax.set_xlabel(name)
+        _plot_param(ax, rows, space.param(name))
         ax.set_ylabel(metric)
-    axes[0][0].legend(fontsize="small")
+    if any(ax.get_legend_handles_labels()[0] for ax in axes[0]):
+        axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _plot_param(ax: Any, rows: list[TrialRow], param: Any) -> None:
+    """Categorical values evenly spaced in the space's order; numbers over the whole searched
+    range, on a log axis (decade labels) for log-scaled parameters."""
+    from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+
+    for status, marker in (("finished", "o"), ("stopped", "x"), ("unfinished", "^")):
+        shown = [r for r in rows if r.status == status and param.name in r.params]
+        values = [r.params[param.name] for r in shown]
+        if param.kind == "categorical":
+            values = [param.choices.index(v) for v in values]
+        if shown:
+            ax.scatter(values, [r.metric for r in shown], marker=marker, label=status)
+    if param.kind == "categorical":
+        ax.set_xticks(range(len(param.choices)), [str(c) for c in param.choices])
+    elif param.kind == "log_float" or param.log:
+        ax.set_xscale("log")
+        ax.set_xlim(param.low / 1.2, param.high * 1.2)  # the whole searched range
+        ax.xaxis.set_major_formatter(LogFormatterSciNotation())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        margin = (param.high - param.low) * 0.05
+        ax.set_xlim(param.low - margin, param.high + margin)
+    ax.set_xlabel(param.name)
 
 
 def write_hparams(root: Path, rows: list[TrialRow]) -> None:
@@ -185,8 +236,8 @@ def write_hparams(root: Path, rows: list[TrialRow]) -> None:
 
     shutil.rmtree(root, ignore_errors=True)
     for r in rows:
-        metrics = {f"hparams/{k.split('/')[-1]}": r.metrics[k] for k in FINAL_KEYS
-                   if k in r.metrics and math.isfinite(r.metrics[k])}  # fmt: skip
+        finals = {k: r.metrics[k] for k in FINAL_KEYS if math.isfinite(r.metrics.get(k, math.nan))}
+        metrics = {f"hparams/{k.split('/')[-1]}": v for k, v in finals.items()}
         metrics["hparams/epochs"] = float(r.epochs)
         writer = RunWriter(root / r.trial_id)
         writer.hparams({**r.params, "status": r.status}, metrics)

@@ -146,7 +146,10 @@ BAD_SPACES = [
     ({"params": {}}, "`params:` must map"),
     ({"params": {"optim.lr": {**LR, "lo": 1}}}, "unknown key 'lo' for type log_float"),
     ({"params": {"optim.lr": {"type": "float", "low": 0.1, "high": 0.1}}}, "empty range"),
-    ({"params": {"optim.lr": {"type": "float", "low": 0.5, "high": 0.1}}}, "need low < high"),
+    (
+        {"params": {"optim.lr": {"type": "float", "low": 0.5, "high": 0.1}}},
+        "inverted range low=0.5 > high=0.1: swap them",
+    ),
     (
         {"params": {"optim.lr": {"type": "log_float", "low": 0, "high": 1}}},
         "log_float needs low > 0",

@@ -82,6 +82,7 @@ def test_trials_write_curves_images_and_one_hparams_session_each(search):
     _, resumed = search
     for row in resumed.rows:
         run_tb = resumed.search_dir / row.trial_id / "tb"
+        assert not list(run_tb.parent.glob("events.out.tfevents*"))  # no Tune TBX duplicates
         found = tags(run_tb)
         assert {"train/loss", "val/miou", "val/fg_dice"} <= set(found["scalars"])
         assert "val/images" in found["images"]
