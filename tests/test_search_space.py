@@ -230,3 +230,16 @@ def test_space_is_checked_against_the_base_config(tmp_path):
     base = Config()  # two workers: a global batch of 3 cannot be split
     with pytest.raises(RaysegbgError, match="train.batch_size=3 is invalid.*divisible"):
         load_space(write(tmp_path, data), base)
+
+
+@pytest.mark.parametrize("name", ["baseline", "mcibi", "colab", "all"])
+def test_every_shipped_space_checks_and_its_samples_build_configs(name):
+    from raysegbg.config import from_dict, load_config, to_dict
+    from raysegbg.search_space import apply_params, check_space
+
+    base = load_config("configs/quickstart.yaml")
+    space = load_space(SPACES / f"{name}.yaml", base)
+    check_space(space, base)
+    for params in sample_many(space, 12):
+        cfg = from_dict(apply_params(to_dict(base), params))
+        assert cfg.method.name == params.get("method.name", cfg.method.name)
