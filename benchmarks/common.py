@@ -42,7 +42,7 @@ def aal_lobe_map() -> tuple[dict[int, int], list[str]]:
 
 
 def make_mri_lobes(out: Path, size: int = 64) -> Path:
-    from raysegbg.data.importers import import_nifti
+    from raysegbg.data.nifti import import_nifti
 
     mapping, _ = aal_lobe_map()
     pairs = [(MRICRON / "ch2.nii.gz", MRICRON / "aal.nii.gz")]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import MRICRON, compare, table
 
-from raysegbg.data.importers import import_nifti
+from raysegbg.data.nifti import import_nifti
 from raysegbg.data.synthetic import make_dataset
 
 METRICS = ["fg_dice", "precision", "fpr"]

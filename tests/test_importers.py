@@ -13,13 +13,8 @@ from PIL import Image
 
 from raysegbg.data.commands import add_data_commands
 from raysegbg.data.format import decode_png, read_meta, read_split
-from raysegbg.data.importers import (
-    VOC_CLASSES,
-    import_folder,
-    import_nifti,
-    import_voc,
-    slab_plan,
-)
+from raysegbg.data.importers import VOC_CLASSES, import_folder, import_voc
+from raysegbg.data.nifti import import_nifti, slab_plan
 from raysegbg.errors import RaysegbgError
 
 

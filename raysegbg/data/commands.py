@@ -181,7 +181,7 @@ def parse_label_map(text: str) -> dict[int, int] | str:
 
 
 def cmd_import_nifti(args: argparse.Namespace) -> int:
-    from raysegbg.data.importers import import_nifti
+    from raysegbg.data.nifti import import_nifti
 
     if len(args.image) != len(args.label):
         raise RaysegbgError(
