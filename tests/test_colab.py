@@ -90,3 +90,33 @@ def test_distance_from_foreground():
     masks[0, 3, 3] = 1
     d = distance_from_foreground(masks, 5)
     assert d[0, 3, 3] == 0 and d[0, 3, 5] == 2 and d[0, 0, 0] == 3
+
+
+def two_meta_steps(rank: int, world: int, overrides: list[str]) -> list[torch.Tensor]:
+    from pathlib import Path
+
+    from raysegbg.train import Trainer, WorkerContext
+
+    trainer = Trainer(
+        load_config(None, overrides), WorkerContext(run_dir=Path("u"), rank=rank, world_size=world)
+    )
+    before = [p.clone() for p in trainer.method.generator_params]
+    for k, batch in enumerate(trainer.loader.epoch(0)):
+        trainer.train_step(batch)  # meta-update first (update_interval=1), then the DDP step
+        if k == 1:
+            break
+    after = trainer.method.generator_params
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    return [p.detach().clone() for p in after]
+
+
+def test_under_ddp_the_generator_stays_identical_on_every_rank(tiny_data, tmp_path):
+    """Global BatchNorm swaps the generator's BN layers after init; the meta-step must use
+    the swapped parameters, and hand-averaged gradients keep the ranks in step."""
+    from tests.conftest import tiny_overrides
+    from tests.multiproc import run_ranks
+
+    overrides = tiny_overrides(tiny_data, tmp_path) + TINY[2:] + ["method.colab.update_interval=1"]
+    pair = run_ranks(two_meta_steps, 2, overrides)
+    for a, b in zip(pair[0], pair[1], strict=True):
+        torch.testing.assert_close(a, b)

@@ -76,9 +76,21 @@ class Colab(Method):
             decoder_channels=(32, 16, 8, 8, 8)[: p.generator_depth], weights_path="",
         )  # fmt: skip
         self.generator = build_model(gen_cfg, in_channels, p.k)
-        self.generator_params = [q for q in self.generator.parameters() if q.requires_grad]
-        self.generator_opt = torch.optim.Adam(self.generator_params, lr=p.generator_lr)
+        self._generator_opt: torch.optim.Optimizer | None = None
         self.shown: dict[str, torch.Tensor] = {}
+
+    @property
+    def generator_params(self) -> list[torch.nn.Parameter]:
+        """Looked up each time: the loop may swap BatchNorm layers (global BN) after init."""
+        return [q for q in self.generator.parameters() if q.requires_grad]
+
+    @property
+    def generator_opt(self) -> torch.optim.Optimizer:
+        if self._generator_opt is None:  # created on first use, on the final parameters
+            self._generator_opt = torch.optim.Adam(
+                self.generator_params, lr=self.params.generator_lr
+            )
+        return self._generator_opt
 
     # -- what the training loop and DDP see ----------------------------------------------
     def ddp_ignored_modules(self) -> list[str]:
