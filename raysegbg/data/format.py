@@ -261,8 +261,9 @@ def _prepare_target(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _commit(tmp: Path, out_dir: Path) -> None:
-    """Move the finished temp dir into place, replacing an old dataset only at the last step."""
+def replace_directory(tmp: Path, out_dir: Path) -> None:
+    """Move a finished temp dir into place, replacing an old one only at the last step, so a
+    reader sees the old folder or the new one, never half of either."""
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
         out_dir.rename(old)
@@ -311,7 +312,7 @@ def write_dataset(
             provenance={**provenance, "labeled_fraction": labeled_fraction, "labeled_seed": seed},
         )
         meta.to_json(tmp / META_FILE)
-        _commit(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta

@@ -10,13 +10,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from raysegbg.data.format import replace_directory
 from raysegbg.state.store import PseudoLabelStore
 
 NAMESPACE = "raysegbg"
@@ -104,15 +104,8 @@ class SharedState:
             (tmp / f"memory-{name}.npz").write_bytes(_npz_bytes(arrays))
         (tmp / "memories.json").write_text(json.dumps(versions))
         if len(self.store):
-            self.store.save(tmp / "labels")
-            for shard in (tmp / "labels").iterdir():
-                shard.rename(tmp / shard.name)
-            (tmp / "labels").rmdir()
-        old = target.with_name(f".{target.name}-old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+            self.store.write_shards(tmp)
+        replace_directory(tmp, target)
         return target
 
     def _load(self, directory: Path) -> bool:

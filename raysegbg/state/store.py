@@ -5,8 +5,6 @@ written to a temporary folder and renamed into place, so a reader never sees hal
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysegbg.data.format import replace_directory
 from raysegbg.errors import RaysegbgError
 
 SCHEMA = pa.schema(
@@ -109,20 +108,21 @@ class PseudoLabelStore:
             cols["step"].append(item.step)
         return pa.table(cols, schema=SCHEMA)
 
+    def write_shards(self, directory: Path) -> None:
+        """All entries as `labels-NNNNN.parquet` in an existing folder (one empty shard for an
+        empty store, so it loads back as empty)."""
+        ids = sorted(self._items)
+        for k, start in enumerate(range(0, max(len(ids), 1), SHARD_ROWS)):
+            table = self._table(ids[start : start + SHARD_ROWS])
+            pq.write_table(table, Path(directory) / f"labels-{k:05d}.parquet")
+
     def save(self, directory: Path) -> Path:
         """Write all entries as Parquet shards; the folder is replaced atomically."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        ids = sorted(self._items)
-        for k, start in enumerate(range(0, max(len(ids), 1), SHARD_ROWS)):
-            table = self._table(ids[start : start + SHARD_ROWS])
-            pq.write_table(table, tmp / f"labels-{k:05d}.parquet")
-        old = directory.with_name(f".{directory.name}-old")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        self.write_shards(tmp)
+        replace_directory(tmp, directory)
         return directory
 
     @classmethod
