@@ -59,15 +59,13 @@ def time_steps(step: Step, steps: int, client: StateClient | None, offset: int) 
 
 
 def label_throughput(client: StateClient, n: int, batch: int, size: int) -> tuple[float, float]:
-    import ray
-
     rng = np.random.default_rng(0)
     ids = [f"id{i}" for i in range(n)]
     masks = [rng.integers(0, 2, (size, size), dtype=np.uint8) for _ in range(n)]
     start = time.perf_counter()
-    ray.get(
-        [client.put_labels(ids[i : i + batch], masks[i : i + batch]) for i in range(0, n, batch)]
-    )
+    for i in range(0, n, batch):
+        client.put_labels(ids[i : i + batch], masks[i : i + batch])
+    client.flush()
     put = n / (time.perf_counter() - start)
     start = time.perf_counter()
     for i in range(0, n, batch):

@@ -88,6 +88,27 @@ class ColabParams:
 
 
 @dataclass(frozen=True)
+class PrnParams:
+    """PatchRefineNet: a refiner trained on optimal patch-wise binarizations of a base model.
+
+    Three stages in one run: the base model (`base_epochs`), pseudo-labels on the held-out
+    images, then the refiner for `train.epochs` epochs.
+    """
+
+    base_epochs: int = 10
+    base_checkpoint: str = ""  # a baseline/prn run or checkpoint folder to use as the base
+    holdout: float = 0.5  # share of the training split kept from the base, for the refiner
+    patch_sizes: tuple[int, ...] = (8, 16)  # one pseudo-label and local head per size
+    thresholds: int = 20  # threshold grid 1/n, 2/n, ..., 1.0
+    pseudo_weight: float = 0.7  # loss on the patch pseudo-labels
+    gt_weight: float = 0.3  # loss on the ground truth
+    dice_weight: float = 0.5  # soft Dice next to cross entropy in both
+    use_image: bool = False  # give the refiner the image next to the base probability
+    refiner_encoder: str = "resnet18"
+    refiner_depth: int = 3
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Which method trains the model, and each method's own parameters."""
 
@@ -95,6 +116,7 @@ class MethodConfig:
     baseline: BaselineParams = field(default_factory=BaselineParams)
     mcibi: McibiParams = field(default_factory=McibiParams)
     colab: ColabParams = field(default_factory=ColabParams)
+    prn: PrnParams = field(default_factory=PrnParams)
 
 
 @dataclass(frozen=True)
@@ -286,8 +308,18 @@ def validate(cfg: Config) -> None:
     _check_choice("optim.name", cfg.optim.name, ("adamw", "sgd"))
     _check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
     _check_choice("method.mcibi.aggregation", cfg.method.mcibi.aggregation, ("soft", "hard"))
+    prn = cfg.method.prn
     checks = [
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (bool(prn.patch_sizes), "method.prn.patch_sizes needs at least one size, e.g. [8,16]"),
+        (all(p >= 2 for p in prn.patch_sizes), "method.prn.patch_sizes must all be >= 2"),
+        (0 <= prn.holdout < 1, "method.prn.holdout must be in [0, 1), e.g. 0.5"),
+        (prn.thresholds >= 2, "method.prn.thresholds must be >= 2 (20 gives 0.05 ... 1.0)"),
+        (prn.base_epochs >= 1, "method.prn.base_epochs must be >= 1"),
+        (
+            prn.pseudo_weight >= 0 and prn.gt_weight >= 0 and prn.pseudo_weight + prn.gt_weight > 0,
+            "method.prn.pseudo_weight and gt_weight must be >= 0 and not both 0",
+        ),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.scaling.workers >= 1, "scaling.workers must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),

@@ -44,6 +44,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def gather_objects(obj: object, dst: int = 0) -> list[object] | None:
+    """Every rank's `obj`, in rank order, on rank `dst` (None elsewhere)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size() if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 class _SumOverRanks(torch.autograd.Function):
     """all-reduce(sum) whose gradient is again an all-reduce(sum): the gradient of
     Σ_r f_r(x_r) with respect to one rank's contribution sums every rank's upstream grad."""

@@ -12,6 +12,9 @@ from typing import Any
 
 from raysegbg.checkpoint import list_checkpoints, load_state
 from raysegbg.config import Config, save_config
+from raysegbg.methods import method_class
+from raysegbg.state.actor import SharedState
+from raysegbg.state.client import LocalStateClient
 from raysegbg.train import WorkerContext, train_worker
 
 
@@ -47,4 +50,8 @@ def train_local(cfg: Config, run_dir: Path, **kwargs: Any) -> tuple[dict[str, fl
     host = LocalHost(run_dir)
     host.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, host.run_dir / "config.yaml")
+    if method_class(cfg.method.name).needs_shared_state and "state" not in kwargs:
+        # the shared state in-process: same snapshots, store and checkpoints as the actor's
+        state = SharedState(str(host.run_dir / "state"))
+        kwargs["state"] = LocalStateClient(state, cfg.train.snapshot_every)
     return train_worker(cfg, host.context(**kwargs)), host

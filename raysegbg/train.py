@@ -7,11 +7,12 @@ checkpoints; every rank calls `ctx.report` once per epoch (Ray's report is a bar
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from raysegbg.checkpoint import checkpoint_name, save_checkpoint, save_shared
 from raysegbg.config import Config, OptimConfig, to_dict
 from raysegbg.data.loader import SegDataset, TrainLoader, eval_batches, steps_per_epoch
 from raysegbg.methods import method_class
-from raysegbg.methods.base import Batch, Method, StepInfo
+from raysegbg.methods.base import Batch, Method, StageRun, StepInfo
 from raysegbg.metrics import confusion, summarize
 from raysegbg.models import convert_global_bn
 from raysegbg.tb import RunWriter, flat_hparams, triptych_grid
@@ -35,7 +36,7 @@ LOG_EVERY = 10  # steps between per-step TensorBoard points
 class WorkerContext:
     """What the loop needs from whoever hosts it (a Ray Train worker or a plain process)."""
 
-    run_dir: Path
+    run_dir: Path  # or a storage.Uri (same `/` and `.name`) for a run in an object store
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -87,21 +88,49 @@ class Trainer:
         if ctx.world_size > 1 and cfg.model.sync_bn:
             convert_global_bn(self.method, ctx.device.type == "cuda")
         self.method.to(ctx.device)
-        self.model = self._wrap(self.method)
-        self.optimizer = make_optimizer(cfg.optim, self.method.optim_parameters())
-        self.steps = steps_per_epoch(
-            len(self.train_ds), cfg.train.batch_size, cfg.train.steps_per_epoch
-        )
-        self.total_steps = self.steps * cfg.train.epochs
-        self.loader = TrainLoader(
-            self.train_ds, cfg.data, cfg.train.batch_size, self.steps, cfg.train.seed,
-            ctx.rank, ctx.world_size,
-        )  # fmt: skip
         self.amp_dtype = _amp_dtype(cfg, ctx.device)
         use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
         self.epoch, self.step, self.best = 0, 0, -math.inf
         self.extra: dict[str, float] = {}  # latest method scalars (e.g. a meta loss)
+        self.stages = self.method.stages()  # a one-shot stage takes one epoch slot
+        slots = [max(1, stage.epochs) for stage in self.stages]
+        self.stage_starts = list(itertools.accumulate(slots, initial=0))
+        self.total_epochs = self.stage_starts[-1]
+        self.stage_index = -1
+        self.enter_stage(0)
+
+    # -- stages ---------------------------------------------------------------------------
+    def stage_of(self, epoch: int) -> int:
+        return max(i for i, start in enumerate(self.stage_starts[:-1]) if start <= epoch)
+
+    def stage_run(self) -> StageRun:
+        ctx = self.ctx
+        return StageRun(self.stage_ds, ctx.device, ctx.rank, ctx.world_size, ctx.state, ctx.log)
+
+    def enter_stage(self, index: int, step0: int | None = None) -> None:
+        """Data, optimiser and DDP wrapper of stage `index` (each stage trains its own
+        parameters on its own share of the training split, with its own lr schedule)."""
+        cfg, ctx, stage = self.cfg, self.ctx, self.stages[index]
+        self.stage_index, self.stage = index, stage
+        keep = stage.keep
+        self.stage_ds = self.train_ds if keep is None else self.train_ds.subset(keep)
+        self.method.enter_stage(stage, self.stage_run())
+        self.steps = steps_per_epoch(
+            len(self.stage_ds), cfg.train.batch_size, cfg.train.steps_per_epoch
+        )
+        self.total_steps = self.steps * stage.epochs
+        self.stage_step0 = self.step if step0 is None else step0
+        data = cfg.data if stage.augment else replace(cfg.data, augment=False, crop_size=0)
+        self.loader = TrainLoader(
+            self.stage_ds, data, cfg.train.batch_size, self.steps, cfg.train.seed,
+            ctx.rank, ctx.world_size,
+        )  # fmt: skip
+        self.model = None  # the previous stage's DDP wrapper goes before a new one is built
+        training = stage.epochs > 0  # a one-shot stage trains nothing: no optimiser, no DDP
+        self.model = self._wrap(self.method) if training else self.method
+        params = self.method.optim_parameters()
+        self.optimizer = make_optimizer(cfg.optim, params) if training else None
 
     def _wrap(self, method: Method) -> torch.nn.Module:
         if self.ctx.world_size == 1:
@@ -118,7 +147,7 @@ class Trainer:
 
     # -- one step / one epoch -------------------------------------------------------------
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        scale = lr_scale(self.cfg.optim, self.step, self.total_steps)
+        scale = lr_scale(self.cfg.optim, self.step - self.stage_step0, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optim.lr * scale
         batch = _to_device(batch, self.ctx.device)
@@ -159,6 +188,15 @@ class Trainer:
         out["perf/epoch_s"] = seconds
         return out
 
+    def one_shot(self) -> dict[str, float]:
+        """The epoch slot of a one-shot stage: the method's stage work, timed."""
+        start = time.perf_counter()
+        out = self.method.run_stage(self.stage, self.stage_run())
+        seconds = time.perf_counter() - start
+        out["perf/images_per_s"] = len(self.stage_ds) / seconds
+        out["perf/epoch_s"] = seconds
+        return out
+
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], Any]:
         """Validation metrics from the confusion matrix summed over ranks, plus rank 0's
@@ -184,21 +222,29 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "best": self.best,
+            "stage": self.stage_index,
+            "stage_step0": self.stage_step0,
             "config": to_dict(self.cfg),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"] + 1, state["step"], state["best"]
         if self.ctx.state is not None and state.get("shared"):
             self.ctx.state.restore(state["shared"])  # the actor goes back to this checkpoint
+        index, saved = self.stage_of(self.epoch), state.get("stage", 0)
+        if index != saved:  # the checkpoint ended a stage: the next one starts afresh
+            self.enter_stage(index)
+            return
+        self.enter_stage(index, state.get("stage_step0", 0))
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
 
 
 def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -223,13 +269,15 @@ def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
     if state is not None:
         trainer.load_state_dict(state)
         ctx.log(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step})")
-    if trainer.epoch >= cfg.train.epochs:
+    if trainer.epoch >= trainer.total_epochs:
         return _already_done(trainer)
     rank0 = ctx.rank == 0
     writer = RunWriter(ctx.run_dir / "tb" if rank0 else None, purge_step=trainer.step or None)
     metrics: dict[str, float] = {}
     try:
-        while trainer.epoch < cfg.train.epochs:
+        while trainer.epoch < trainer.total_epochs:
+            if trainer.stage_of(trainer.epoch) != trainer.stage_index:
+                trainer.enter_stage(trainer.stage_of(trainer.epoch))
             metrics = run_epoch(trainer, writer)
             trainer.epoch += 1
         if rank0 and metrics:
@@ -250,7 +298,7 @@ def _already_done(trainer: Trainer) -> dict[str, float]:
 
 def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
     cfg, ctx, epoch = trainer.cfg, trainer.ctx, trainer.epoch
-    metrics = trainer.train_epoch(writer)
+    metrics = trainer.train_epoch(writer) if trainer.stage.epochs else trainer.one_shot()
     val, shown = trainer.evaluate()
     metrics.update(val)
     score = metrics.get(cfg.logging.score, float("nan"))
@@ -258,14 +306,16 @@ def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
     metrics.update({"epoch": epoch + 1, "step": trainer.step, "best_score": trainer.best})
     if ctx.rank == 0:
         writer.scalars({k: v for k, v in metrics.items() if "/" in k}, epoch + 1)
-        if shown and ((epoch + 1) % cfg.logging.image_every == 0 or epoch + 1 == cfg.train.epochs):
+        last = epoch + 1 == trainer.total_epochs
+        if shown and ((epoch + 1) % cfg.logging.image_every == 0 or last):
             grid = triptych_grid(*zip(*shown, strict=True), trainer.meta.ignore_index)
             writer.image("val/images", grid, epoch + 1)
         for tag, image in trainer.method.tb_images().items():
             writer.image(tag, image, epoch + 1)
         for tag, values in trainer.method.tb_histograms().items():
             writer.histogram(tag, values, epoch + 1)
-        ctx.log(progress_line(metrics, cfg.train.epochs))
+        stage = f"[{trainer.stage.name}] " if len(trainer.stages) > 1 else ""
+        ctx.log(stage + progress_line(metrics, trainer.total_epochs))
     _report(trainer, metrics)
     return metrics
 

@@ -52,7 +52,8 @@ def test_actor_crash_mid_run(ray_local, tmp_path):
     client = StateClient(actor, every=5)
     holder = Holder()
     ids, masks, confs = make_labels(1000)
-    ray.get(client.put_labels(ids, masks, confs, step=0))
+    client.put_labels(ids, masks, confs, step=0)
+    client.flush()
     for step in range(1, 21):
         holder.step(step)
         client.after_step(step, holder)

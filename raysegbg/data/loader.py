@@ -8,6 +8,7 @@ cluster sizes (and testable).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,21 @@ class SegDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, keep) -> SegDataset:
+        """The samples whose id passes `keep` (same order), e.g. a stage's held-out share."""
+        picked = [i for i, image_id in enumerate(self.ids) if keep(image_id)]
+        if not picked:
+            raise RaysegbgError(
+                f"no sample of split '{self.split}' is left for this stage: use a bigger "
+                "split or change the method's hold-out fraction"
+            )
+        out = copy.copy(self)
+        out.ids = [self.ids[i] for i in picked]
+        out._images = [self._images[i] for i in picked]
+        out._masks = [self._masks[i] for i in picked]
+        out._cache = {} if self._cache is not None else None
+        return out
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(image float C×H×W in [-1, 1], mask long H×W with ignore_index where unknown)."""

@@ -8,6 +8,7 @@ METHODS: dict[str, str] = {
     "baseline": "raysegbg.methods.baseline:Baseline",
     "mcibi": "raysegbg.methods.mcibi:Mcibi",
     "colab": "raysegbg.methods.colab:Colab",
+    "prn": "raysegbg.methods.prn:Prn",
 }
 
 

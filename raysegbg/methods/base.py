@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +26,33 @@ class StepInfo:
     step: int  # global optimisation step, 0-based
     epoch: int
     lr_scale: float  # current lr / base lr (some methods tie momenta to it)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a method, run in order by the same entry point, each checkpointed.
+
+    A training stage (`epochs` > 0) trains `optim_parameters()` for that many epochs; a one-shot
+    stage (`epochs` == 0) runs `Method.run_stage` once and counts as one epoch (it is reported
+    and checkpointed like one).
+    """
+
+    name: str
+    epochs: int = 0
+    keep: Callable[[str], bool] | None = None  # which training-split ids it sees (None: all)
+    augment: bool = True  # False: whole images, no crop/scale/flip
+
+
+@dataclass
+class StageRun:
+    """What a stage hook may use: the stage's share of the training split and the run."""
+
+    dataset: Any  # SegDataset of the stage's training images
+    device: torch.device
+    rank: int
+    world_size: int
+    state: Any  # the shared-state client on rank 0, else None
+    log: Callable[[str], None]
 
 
 class Method(nn.Module):
@@ -57,6 +86,18 @@ class Method(nn.Module):
     def ddp_ignored_modules(self) -> list[str]:
         """Submodules DDP must not synchronise (their gradients are reduced by the method)."""
         return []
+
+    def stages(self) -> list[Stage]:
+        """The stages run in order; most methods have one."""
+        return [Stage("train", self.cfg.train.epochs)]
+
+    def enter_stage(self, stage: Stage, run: StageRun) -> None:
+        """Runs on every rank when a stage starts (or a run resumes inside it), before the
+        stage's optimiser is built: e.g. choose which networks train, load pseudo-labels."""
+
+    def run_stage(self, stage: Stage, run: StageRun) -> dict[str, float]:
+        """The work of a one-shot stage (every rank calls it); returns scalars to report."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-shot stage '{stage.name}'")
 
     def before_step(self, batch: Batch, info: StepInfo) -> dict[str, float]:
         """Runs on the unwrapped method before each training step (e.g. a meta-update);

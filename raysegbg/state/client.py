@@ -2,6 +2,7 @@
 
 Memory snapshots are sent fire-and-forget every `every` steps by rank 0; a snapshot is skipped
 (never waited for) while the previous one is still in flight. Checkpoints flush and export.
+`LocalStateClient` is the same client over an in-process `SharedState` (runs without Ray).
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ class StateClient:
         self._pending: list[Any] = []
         self.skipped = 0
 
+    def _call(self, name: str, *args: Any) -> Any:
+        """Start an actor call; returns a reference (see `_wait`)."""
+        return getattr(self.actor, name).remote(*args)
+
+    def _wait(self, ref: Any) -> Any:
+        import ray
+
+        return ray.get(ref)
+
     def _in_flight(self) -> bool:
         import ray
 
@@ -54,30 +64,45 @@ class StateClient:
     def push(self, method: nn.Module) -> None:
         for name, memory in memories_of(method).items():
             version = int(memory.version)
-            self._pending.append(self.actor.put_memory.remote(name, version, _arrays(memory)))
-        self._pending.append(self.actor.persist.remote())
+            self._pending.append(self._call("put_memory", name, version, _arrays(memory)))
+        self._pending.append(self._call("persist"))
 
-    def put_labels(self, ids, masks, confidences=None, step: int = 0) -> Any:
-        return self.actor.put_labels.remote(list(ids), list(masks), confidences, step)
+    def put_labels(self, ids, masks, confidences=None, step: int = 0) -> None:
+        """Queue pseudo-labels for the store (`flush` waits until they are in)."""
+        confidences = None if confidences is None else list(confidences)
+        self._pending.append(self._call("put_labels", list(ids), list(masks), confidences, step))
 
     def get_labels(self, ids) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
-        import ray
+        return self._wait(self._call("get_labels", list(ids)))
 
-        return ray.get(self.actor.get_labels.remote(list(ids)))
+    def flush(self) -> None:
+        """Wait for every call still in flight."""
+        pending, self._pending = self._pending, []
+        for ref in pending:
+            self._wait(ref)
 
     def checkpoint(self, method: nn.Module) -> dict[str, bytes]:
         """At a checkpoint: send the current memories, wait for them, export everything."""
-        import ray
-
         self.push(method)
-        ray.get(self._pending)
-        self._pending = []
-        return ray.get(self.actor.export.remote())
+        self.flush()
+        return self._wait(self._call("export"))
 
     def restore(self, files: dict[str, bytes]) -> dict[str, Any]:
-        import ray
+        return self._wait(self._call("load_export", files))
 
-        return ray.get(self.actor.load_export.remote(files))
+
+class LocalStateClient(StateClient):
+    """The client over a `SharedState` living in this process (train_local, tests)."""
+
+    def _call(self, name: str, *args: Any) -> Any:
+        return getattr(self.actor, name)(*args)
+
+    def _wait(self, ref: Any) -> Any:
+        return ref
+
+    def _in_flight(self) -> bool:
+        self._pending = []
+        return False
 
 
 def load_memories(method: nn.Module, arrays: dict[str, dict[str, np.ndarray]]) -> None:

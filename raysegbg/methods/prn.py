@@ -1,0 +1,346 @@
+"""`prn`: PatchRefineNet (Nagendra, Kifer, Shen, WACV 2024).
+
+A base model's logits are spatially biased: too high in some patches, too low in others. Three
+stages, run in order by the one entry point and each checkpointed:
+
+1. `base`: train the base model on part of the training split (or load one).
+2. `pseudo-labels`: on the held-out part, find for every p×p patch the threshold that
+   maximises the patch's IoU with the ground truth; binarizing each patch at its own threshold
+   is the pseudo-label. Labels and per-pixel threshold maps go to the run's pseudo-label store.
+3. `refine`: a small refiner reads the base probability map (optionally the image) through an
+   smp encoder/decoder into a global head and one local head per patch size (a decoder shared
+   by every patch, blind across patch borders); each head learns its pseudo-labels
+   (`pseudo_weight`) and the ground truth (`gt_weight`). Inference averages the heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysegbg import dist
+from raysegbg.checkpoint import load_state, pick_checkpoint
+from raysegbg.config import Config
+from raysegbg.errors import RaysegbgError
+from raysegbg.methods.base import Batch, Method, Stage, StageRun, StepInfo
+from raysegbg.methods.losses import cross_entropy, soft_dice
+from raysegbg.methods.patch_thresholds import (
+    WHOLE_IMAGE,
+    foreground_iou,
+    patch_pseudo_labels,
+    threshold_grid,
+)
+from raysegbg.models import build_model
+from raysegbg.tb import colorize, image_to_uint8
+
+LABEL_CHUNK = 256  # images per call to the store
+
+
+def in_holdout(image_id: str, fraction: float) -> bool:
+    """A fixed, rank-independent split of the training ids (by a hash of the id)."""
+    return zlib.crc32(image_id.encode()) % 10_000 < fraction * 10_000
+
+
+def not_in_holdout(image_id: str, fraction: float) -> bool:
+    return not in_holdout(image_id, fraction)
+
+
+def label_key(image_id: str, head: int) -> str:
+    return f"{image_id}@{'image' if head == WHOLE_IMAGE else f'p{head}'}"
+
+
+def two_class(logit: torch.Tensor) -> torch.Tensor:
+    """One foreground logit -> (background 0, foreground) logits: softmax = sigmoid."""
+    return torch.cat([torch.zeros_like(logit), logit], dim=1)
+
+
+class LocalHead(nn.Module):
+    """A decoder shared by every patch: it sees one p×p tile of the features plus the tile's
+    mean (so it can shift a whole patch), and nothing across the tile's border."""
+
+    def __init__(self, channels: int, patch: int, width: int = 16):
+        super().__init__()
+        self.patch = patch
+        self.body = nn.Sequential(
+            nn.Conv2d(2 * channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = feats.shape
+        p = self.patch
+        gh, gw = -(-h // p), -(-w // p)
+        x = F.pad(feats, (0, gw * p - w, 0, gh * p - h))
+        tiles = x.view(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, p, p)
+        mean = tiles.mean((2, 3), keepdim=True).expand_as(tiles)
+        out = self.body(torch.cat([tiles, mean], dim=1))
+        out = out.view(b, gh, gw, 1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 1, gh * p, gw * p)
+        return out[:, :, :h, :w]
+
+
+class Refiner(nn.Module):
+    """smp encoder/decoder over the base probability map; global head + one local head per
+    patch size. Returns {head: foreground logit (B, 1, H, W)} (head 0 = global)."""
+
+    def __init__(self, cfg: Config, in_channels: int):
+        super().__init__()
+        p = cfg.method.prn
+        trunk_cfg = dataclasses.replace(
+            cfg.model, arch="Unet", encoder=p.refiner_encoder, encoder_depth=p.refiner_depth,
+            decoder_channels=(64, 32, 16, 16, 16)[: p.refiner_depth], encoder_weights=None,
+            weights_path="",
+        )  # fmt: skip
+        self.trunk = build_model(trunk_cfg, in_channels, 1)  # its head is the global head
+        width = trunk_cfg.decoder_channels[-1]
+        self.local = nn.ModuleDict({str(s): LocalHead(width, s) for s in p.patch_sizes})
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        feats = self.trunk.decoder(self.trunk.encoder(x))
+        out = {WHOLE_IMAGE: self.trunk.segmentation_head(feats)}
+        out.update({int(s): head(feats) for s, head in self.local.items()})
+        return out
+
+
+class Prn(Method):
+    needs_shared_state = True  # the pseudo-label store
+
+    def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
+        super().__init__(cfg, num_classes, in_channels, ignore_index)
+        if num_classes != 2:
+            raise RaysegbgError(
+                f"prn refines binary segmentation but the dataset has {num_classes} classes: "
+                "use a binary dataset (e.g. `raysegbg data make varying_contrast`) or another "
+                "method"
+            )
+        self.params = p = cfg.method.prn
+        self.base = build_model(cfg.model, in_channels, 2)
+        self.refiner = Refiner(cfg, 1 + (in_channels if p.use_image else 0))
+        self.heads = [WHOLE_IMAGE, *p.patch_sizes]
+        # parameters the forward pass reaches (build_model froze the others for DDP)
+        self.trainable = {n for n, q in self.named_parameters() if q.requires_grad}
+        self.stage_name = "base"
+        self.labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (label, thresholds)
+        self.shown: dict[str, torch.Tensor] = {}
+
+    # -- stages ---------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        p = self.params
+        held = partial(in_holdout, fraction=p.holdout) if p.holdout > 0 else None
+        rest = partial(not_in_holdout, fraction=p.holdout) if p.holdout > 0 else None
+        return [
+            Stage("base", 0 if p.base_checkpoint else p.base_epochs, keep=rest),
+            Stage("pseudo-labels", 0, keep=held, augment=False),
+            Stage("refine", self.cfg.train.epochs, keep=held, augment=False),
+        ]
+
+    def enter_stage(self, stage: Stage, run: StageRun) -> None:
+        self.stage_name = stage.name
+        trains = {"base": "base." if stage.epochs else None, "refine": "refiner."}
+        prefix = trains.get(stage.name)
+        for name, param in self.named_parameters():
+            on = prefix is not None and name.startswith(prefix) and name in self.trainable
+            param.requires_grad_(on)
+        if stage.name == "refine":
+            self.labels = self._read_labels(run)
+
+    def run_stage(self, stage: Stage, run: StageRun) -> dict[str, float]:
+        if stage.name == "base":
+            return self._load_base(self.params.base_checkpoint)
+        return self._make_labels(run)
+
+    def train(self, mode: bool = True) -> Prn:
+        super().train(mode)
+        if self.stage_name != "base":
+            self.base.eval()  # frozen after stage 1: its BatchNorm statistics stay fixed
+        return self
+
+    def get_extra_state(self) -> dict[str, str]:
+        return {"stage": self.stage_name}  # a checkpoint predicts the way its stage did
+
+    def set_extra_state(self, state: dict[str, str]) -> None:
+        self.stage_name = state["stage"]
+
+    # -- stage 1 ------------------------------------------------------------------------------
+    def _load_base(self, path: str) -> dict[str, float]:
+        from pathlib import Path
+
+        folder = Path(path)
+        if (folder / "config.yaml").is_file():  # a run folder: its best checkpoint
+            folder = pick_checkpoint(folder, "best", self.cfg.logging.score)
+        state = load_state(folder)["method"]
+        prefixes = ("base.", "net.")  # a prn or a baseline run
+        weights = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(prefixes)}
+        try:
+            self.base.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise RaysegbgError(
+                f"method.prn.base_checkpoint {path} does not fit the base model "
+                f"({str(exc).splitlines()[0]}): use a binary baseline or prn run with the same "
+                "model.* settings"
+            ) from None
+        return {}
+
+    # -- stage 2 ------------------------------------------------------------------------------
+    def base_probability(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) foreground probability of the frozen base model."""
+        with torch.no_grad():
+            return self.base(images).float().softmax(1)[:, 1:]
+
+    @torch.no_grad()
+    def _make_labels(self, run: StageRun) -> dict[str, float]:
+        """Every rank labels its share of the held-out images; rank 0 stores them all."""
+        from raysegbg.data.loader import eval_batches
+
+        self.eval()
+        grid = threshold_grid(self.params.thresholds, run.device)
+        counts = torch.zeros(len(self.heads) + 1, 2, dtype=torch.float64)  # base@0.5, heads
+        mine = []
+        size = {image_id: i for i, image_id in enumerate(run.dataset.ids)}
+        for batch in eval_batches(run.dataset, self.cfg.train.val_batch_size, run.rank,
+                                  run.world_size):  # fmt: skip
+            images, masks = batch.images.to(run.device), batch.masks.to(run.device)
+            prob = self.base_probability(images)[:, 0]
+            valid, fg = masks != self.ignore_index, masks == 1
+            counts[0] += torch.tensor(foreground_iou(prob >= 0.5, fg, valid))
+            per_head = []
+            for k, head in enumerate(self.heads, 1):
+                labels, thresholds = patch_pseudo_labels(prob, fg, valid, head, grid)
+                counts[k] += torch.tensor(foreground_iou(labels, fg, valid))
+                per_head.append((labels.cpu().numpy(), thresholds.cpu().numpy()))
+            for j, image_id in enumerate(batch.ids):
+                h, w = run.dataset[size[image_id]][1].shape
+                for head, (labels, thresholds) in zip(self.heads, per_head, strict=True):
+                    mine.append((label_key(image_id, head), labels[j, :h, :w],
+                                 thresholds[j, :h, :w]))  # fmt: skip
+        gathered = dist.gather_objects(mine)
+        if gathered is not None:
+            self._write_labels([item for part in gathered for item in part], run)
+        dist.all_reduce_sum(counts)
+        iou = (counts[:, 0] / counts[:, 1].clamp_min(1)).tolist()
+        out = {"pseudo/base_iou@0.5": iou[0], "pseudo/images": float(len(run.dataset))}
+        for head, value in zip(self.heads, iou[1:], strict=True):
+            out[f"pseudo/oracle_iou_{label_key('', head)[1:]}"] = value
+        run.log(
+            "pseudo-labels: base IoU at 0.5 "
+            f"{iou[0]:.4f}; per-patch optimum "
+            + ", ".join(f"{k.split('_')[-1]} {v:.4f}" for k, v in out.items() if "oracle" in k)
+        )
+        return out
+
+    def _write_labels(self, items: list, run: StageRun) -> None:
+        if run.state is None:
+            raise RaysegbgError("prn needs the run's shared state for its pseudo-label store")
+        for start in range(0, len(items), LABEL_CHUNK):
+            keys, labels, thresholds = zip(*items[start : start + LABEL_CHUNK], strict=True)
+            run.state.put_labels(keys, labels, thresholds, step=0)
+        run.state.flush()
+
+    def _read_labels(self, run: StageRun) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """All held-out pseudo-labels from the store, read once by rank 0, sent to all."""
+        labels = None
+        if run.rank == 0:
+            if run.state is None:
+                raise RaysegbgError("prn needs the run's shared state for its pseudo-label store")
+            keys = [label_key(i, head) for i in run.dataset.ids for head in self.heads]
+            got = []
+            for start in range(0, len(keys), LABEL_CHUNK):
+                got += run.state.get_labels(keys[start : start + LABEL_CHUNK])
+            labels = {k: (mask, conf) for k, (mask, conf, _) in zip(keys, got, strict=True)}
+        return dist.broadcast_object(labels)
+
+    # -- stage 1 and 3: training steps ----------------------------------------------------
+    def forward(self, batch: Batch, info: StepInfo) -> dict[str, torch.Tensor]:
+        if self.stage_name == "base":
+            losses = self._binary_losses(self.base(batch.images), batch.masks)
+            losses["loss"] = losses.pop("total")
+            return losses
+        prob = self.base_probability(batch.images)
+        logits = self.refiner(self._refiner_input(prob, batch.images))
+        pseudo = {head: self._targets(batch, head) for head in self.heads}
+        sums = {"pseudo": 0.0, "gt": 0.0}
+        for head, logit in logits.items():
+            sums["pseudo"] = sums["pseudo"] + self._binary_losses(logit, pseudo[head])["total"]
+            sums["gt"] = sums["gt"] + self._binary_losses(logit, batch.masks)["total"]
+        losses = {k: v / len(logits) for k, v in sums.items()}
+        p = self.params
+        losses["loss"] = p.pseudo_weight * losses["pseudo"] + p.gt_weight * losses["gt"]
+        self._stash(batch, prob, pseudo, logits)
+        return losses
+
+    def _binary_losses(self, logits: torch.Tensor, target: torch.Tensor):
+        if logits.shape[1] == 1:
+            logits = two_class(logits)
+        out = {"ce": cross_entropy(logits, target, self.ignore_index)}
+        out["total"] = out["ce"]
+        if self.params.dice_weight > 0:
+            out["dice"] = soft_dice(logits, target, self.ignore_index)
+            out["total"] = out["ce"] + self.params.dice_weight * out["dice"]
+        return out
+
+    def _refiner_input(self, prob: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([prob, images], dim=1) if self.params.use_image else prob
+
+    def _targets(self, batch: Batch, head: int) -> torch.Tensor:
+        """The batch's pseudo-labels for one head, padded like the batch; ignored where the
+        ground truth is ignored."""
+        out = torch.full_like(batch.masks, self.ignore_index)
+        for j, image_id in enumerate(batch.ids):
+            label = torch.tensor(self.labels[label_key(image_id, head)][0])
+            out[j, : label.shape[0], : label.shape[1]] = label.to(out.device)
+        return torch.where(batch.masks == self.ignore_index, batch.masks, out)
+
+    # -- inference ------------------------------------------------------------------------
+    def refined_probability(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W): the mean of the global and local heads' probabilities."""
+        logits = self.refiner(self._refiner_input(self.base_probability(images), images))
+        return torch.stack([v.float().sigmoid() for v in logits.values()]).mean(0)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        if self.stage_name != "refine":
+            return self.base(images)
+        q = self.refined_probability(images).clamp(1e-6, 1 - 1e-6)
+        return torch.cat([torch.log1p(-q), torch.log(q)], dim=1)
+
+    # -- TensorBoard ----------------------------------------------------------------------
+    def _stash(self, batch, prob, pseudo, logits) -> None:
+        n = min(4, len(batch.ids))
+        head = min(h for h in self.heads if h != WHOLE_IMAGE)
+        thresholds = torch.zeros_like(prob[:n, 0])
+        for j, image_id in enumerate(batch.ids[:n]):
+            t = torch.tensor(self.labels[label_key(image_id, head)][1])
+            thresholds[j, : t.shape[0], : t.shape[1]] = t
+        refined = torch.stack([v.detach().float().sigmoid() for v in logits.values()]).mean(0)
+        self.shown = {
+            "image": batch.images[:n].detach(), "base": prob[:n, 0].detach(),
+            "thresholds": thresholds, "pseudo": pseudo[head][:n], "refined": refined[:n, 0],
+            "truth": batch.masks[:n],
+        }  # fmt: skip
+
+    def tb_images(self) -> dict:
+        """Rows of image | base (0.5) | per-patch threshold map | pseudo-label | refined | truth."""
+        if not self.shown:
+            return {}
+        s = {k: v.cpu() for k, v in self.shown.items()}
+        rows = []
+        for j in range(len(s["image"])):
+            grey = (s["thresholds"][j].numpy() * 255).round().astype(np.uint8)
+            parts = [
+                image_to_uint8(s["image"][j]),
+                colorize((s["base"][j] >= 0.5).numpy().astype(np.uint8)),
+                np.repeat(grey[:, :, None], 3, axis=2),
+                colorize(s["pseudo"][j].numpy(), self.ignore_index),
+                colorize((s["refined"][j] >= 0.5).numpy().astype(np.uint8)),
+                colorize(s["truth"][j].numpy(), self.ignore_index),
+            ]
+            sep = np.full((parts[0].shape[0], 2, 3), 255, np.uint8)
+            rows.append(np.concatenate([x for part in parts for x in (part, sep)][:-1], axis=1))
+        return {"prn/base_thresholds_pseudo_refined": np.concatenate(rows, axis=0)}

@@ -1,0 +1,197 @@
+"""PatchRefineNet: three stages in one run, pseudo-labels in the store, resume, DDP."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raysegbg.checkpoint import list_checkpoints, load_state
+from raysegbg.config import load_config
+from raysegbg.errors import RaysegbgError
+from raysegbg.local import train_local
+from raysegbg.methods.patch_thresholds import WHOLE_IMAGE, patch_pseudo_labels, threshold_grid
+from raysegbg.methods.prn import Prn, in_holdout, label_key
+from raysegbg.state.store import PseudoLabelStore
+from raysegbg.train import train_worker
+from tests.conftest import tiny_overrides
+from tests.tb_read import scalar_steps, tags
+
+PRN = {"method.name": "prn", "method.prn.base_epochs": 2, "method.prn.patch_sizes": "[8,16]",
+       "optim.name": "sgd", "optim.lr": 0.05}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def contrast_data(tmp_path_factory) -> Path:
+    """32x32 binary images with spatially varying contrast and illumination (48 images)."""
+    from raysegbg.data.synthetic import make_dataset
+
+    out = tmp_path_factory.mktemp("data") / "contrast"
+    make_dataset("varying_contrast", out, n=48, size=32, seed=0)
+    return out
+
+
+def prn_config(data: Path, root: Path, **extra):
+    return load_config(None, tiny_overrides(data, root, **{**PRN, **extra}))
+
+
+def base_weights(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state["method"].items() if k.startswith("base.")}
+
+
+def test_three_stages_in_order_with_labels_in_the_store(contrast_data, tmp_path):
+    run = tmp_path / "p"
+    cfg = prn_config(contrast_data, tmp_path, **{"logging.name": "p"})
+    train_local(cfg, run, log=lambda line: None)
+    found = list_checkpoints(run)
+    assert [m["epoch"] for _, m in found] == [1, 2, 3, 4, 5]  # base 2, labels 1, refine 2
+    states = [load_state(folder) for folder, _ in found]
+    assert [s["stage"] for s in states] == [0, 0, 1, 2, 2]
+    # stage 3 trains the refiner only: the base is the one stage 1 ended with
+    for key, value in base_weights(states[1]).items():
+        assert torch.equal(value, base_weights(states[-1])[key]), key
+    refiner = [k for k in states[-1]["method"] if k.startswith("refiner.") and "weight" in k]
+    assert any(not torch.equal(states[2]["method"][k], states[-1]["method"][k]) for k in refiner)
+    assert "pseudo/oracle_iou_p8" in found[2][1]["metrics"]
+
+    # the store (persisted and in the checkpoint) holds every held-out image, every head
+    store = PseudoLabelStore.load(run / "state" / "latest")
+    method = Prn(cfg, 2, 1, 255)
+    method.load_state_dict(states[-1]["method"])
+    from raysegbg.data.loader import SegDataset
+
+    train = SegDataset(contrast_data, "train")
+    held = [i for i in train.ids if in_holdout(i, cfg.method.prn.holdout)]
+    assert 0 < len(held) < len(train)
+    assert sorted(store.ids()) == sorted(label_key(i, h) for i in held for h in method.heads)
+    # each label is the base probability binarized at its stored per-patch threshold map
+    image, mask = train[train.ids.index(held[0])]
+    prob = method.eval().base_probability(image[None])[:, 0]
+    for head in method.heads:
+        item = store.get([label_key(held[0], head)])[0]
+        labels, thresholds = patch_pseudo_labels(
+            prob, mask[None] == 1, mask[None] != 255, head, threshold_grid(20)
+        )
+        np.testing.assert_array_equal(item.mask, labels[0].numpy())
+        np.testing.assert_array_equal(item.confidence, thresholds[0].numpy())
+        if head != WHOLE_IMAGE:  # constant inside each patch
+            block = item.confidence[:head, :head]
+            assert np.all(block == block[0, 0])
+
+    logged = tags(run / "tb")
+    assert "prn/base_thresholds_pseudo_refined" in logged["images"]
+    assert scalar_steps(run / "tb", "val/miou") == [1, 2, 3, 4, 5]
+    assert scalar_steps(run / "tb", "pseudo/oracle_iou_p16") == [3]
+
+
+def test_resume_inside_a_stage_and_at_a_stage_boundary(contrast_data, tmp_path):
+    lines: list[str] = []
+    run = tmp_path / "r"
+    train_local(prn_config(contrast_data, tmp_path, **{"train.epochs": 1}), run, log=lines.append)
+    first = load_state(list_checkpoints(run)[-1][0])
+    # more refiner epochs: resumes inside the refine stage with its optimiser state
+    train_local(prn_config(contrast_data, tmp_path, **{"train.epochs": 2}), run, log=lines.append)
+    assert "resuming at epoch 5 (step" in "\n".join(lines)
+    assert [m["epoch"] for _, m in list_checkpoints(run)] == [1, 2, 3, 4, 5]
+    # lose everything after stage 1: the labels are made again, the same as before
+    for folder, meta in list_checkpoints(run):
+        if meta["epoch"] > 2:
+            shutil.rmtree(folder)
+    shutil.rmtree(run / "state")
+    lines.clear()
+    train_local(prn_config(contrast_data, tmp_path, **{"train.epochs": 1}), run, log=lines.append)
+    assert "resuming at epoch 3" in lines[0] and "[pseudo-labels]" in "\n".join(lines)
+    again = load_state(list_checkpoints(run)[-1][0])
+    assert again["shared"].keys() == first["shared"].keys()
+    for name in first["shared"]:
+        if name.endswith(".parquet"):
+            assert again["shared"][name] == first["shared"][name]
+
+
+def test_base_checkpoint_replaces_stage_one(contrast_data, tmp_path):
+    baseline = tiny_overrides(contrast_data, tmp_path, **{"logging.name": "b", "train.epochs": 1})
+    train_local(load_config(None, baseline), tmp_path / "b", log=lambda line: None)
+    cfg = prn_config(contrast_data, tmp_path, **{"method.prn.base_checkpoint": tmp_path / "b",
+                                                "train.epochs": 1})  # fmt: skip
+    train_local(cfg, tmp_path / "p", log=lambda line: None)
+    found = list_checkpoints(tmp_path / "p")
+    assert [m["epoch"] for _, m in found] == [1, 2, 3]  # load base, labels, refine 1
+    net = load_state(list_checkpoints(tmp_path / "b")[-1][0])["method"]
+    got = base_weights(load_state(found[0][0]))
+    assert got and all(torch.equal(v, net["net." + k[5:]]) for k, v in got.items())
+
+
+def test_refuses_a_multiclass_dataset_and_a_bad_base_checkpoint(tmp_path):
+    cfg = load_config(None, ["method.name=prn", "model.encoder_depth=3",
+                             "model.decoder_channels=[16,8,8]"])  # fmt: skip
+    with pytest.raises(RaysegbgError, match="prn refines binary segmentation.*3 classes"):
+        Prn(cfg, 3, 3, 255)
+    method = Prn(cfg, 2, 3, 255)
+    other = Prn(load_config(None, ["method.name=prn"]), 2, 3, 255)  # a different base model
+    from raysegbg.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "c", {"method": other.state_dict()}, {"epoch": 1})
+    with pytest.raises(RaysegbgError, match="does not fit the base model"):
+        method._load_base(str(tmp_path / "c"))
+    with pytest.raises(RaysegbgError, match="patch_sizes must all be >= 2"):
+        load_config(None, ["method.prn.patch_sizes=[1]"])
+
+
+def test_inference_averages_the_heads_and_predicts_like_its_stage():
+    cfg = load_config(None, ["method.name=prn", "model.encoder_depth=3",
+                             "model.decoder_channels=[16,8,8]"])  # fmt: skip
+    torch.manual_seed(0)
+    method = Prn(cfg, 2, 1, 255).eval()
+    images = torch.randn(2, 1, 32, 32)
+    assert torch.equal(method.predict(images), method.base(images))  # before stage 3
+    method.stage_name = "refine"
+    logits = method.predict(images)
+    q = method.refined_probability(images)
+    heads = method.refiner(method.base_probability(images))
+    assert set(heads) == {0, 8, 16}
+    torch.testing.assert_close(q, torch.stack([v.sigmoid() for v in heads.values()]).mean(0))
+    assert torch.equal(logits.argmax(1), (q[:, 0] > 0.5).long())
+    # the stage travels with the weights
+    copy = Prn(cfg, 2, 1, 255)
+    copy.load_state_dict(method.state_dict())
+    assert copy.stage_name == "refine"
+
+
+def whole_run(rank: int, world: int, overrides: list[str], run_dir: str):
+    """A full 3-stage run on one rank of a gloo group; rank 0 hosts the shared state."""
+    from raysegbg.local import LocalHost
+    from raysegbg.state.actor import SharedState
+    from raysegbg.state.client import LocalStateClient
+
+    cfg = load_config(None, overrides)
+    host = LocalHost(Path(run_dir))
+    state = LocalStateClient(SharedState(f"{run_dir}/state")) if rank == 0 else None
+    ctx = host.context(rank=rank, world_size=world, state=state, log=lambda line: None)
+    if rank:
+        ctx.report = lambda metrics, checkpoint, name: None
+    train_worker(cfg, ctx)
+    return load_state(list_checkpoints(Path(run_dir))[-1][0]) if rank == 0 else None
+
+
+@pytest.mark.slow
+def test_two_workers_make_the_labels_and_refiner_of_one(contrast_data, tmp_path):
+    from tests.multiproc import run_ranks
+
+    overrides = [*tiny_overrides(contrast_data, tmp_path, **PRN), "train.epochs=1",
+                 "method.prn.base_epochs=1"]  # fmt: skip
+    (single,) = run_ranks(whole_run, 1, overrides, str(tmp_path / "one"))
+    pair = run_ranks(whole_run, 2, overrides, str(tmp_path / "two"))
+    one = PseudoLabelStore.load(tmp_path / "one" / "state" / "latest")
+    two = PseudoLabelStore.load(tmp_path / "two" / "state" / "latest")
+    assert sorted(one.ids()) == sorted(two.ids())
+    agree = np.mean(
+        [
+            np.mean(a.mask == b.mask)
+            for a, b in zip(one.get(one.ids()), two.get(one.ids()), strict=True)
+        ]
+    )
+    assert agree > 0.999
+    for key, value in single["method"].items():
+        if key.startswith("refiner.") and value.is_floating_point():
+            torch.testing.assert_close(pair[0]["method"][key], value, atol=1e-4, rtol=1e-3)
