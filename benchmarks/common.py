@@ -51,6 +51,16 @@ def make_mri_lobes(out: Path, size: int = 64) -> Path:
     return out
 
 
+def make_mri_brain(out: Path, size: int = 64) -> Path:
+    """mricron's ch2 head MRI sliced into 2-D images, with the ch2bet brain as foreground."""
+    from raysegbg.data.nifti import import_nifti
+
+    pairs = [(MRICRON / "ch2.nii.gz", MRICRON / "ch2bet.nii.gz")]
+    import_nifti(pairs, out, binarize=True, size=(size, size), min_foreground=0.01,
+                 name="ch2_brain")  # fmt: skip
+    return out
+
+
 def run(overrides: list[str], seed: int, root: Path, split: str = "test") -> dict[str, float]:
     """Train in-process (no Ray: this compares methods, not infrastructure) and evaluate."""
     torch.set_num_threads(torch.get_num_threads())

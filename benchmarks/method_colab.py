@@ -14,9 +14,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import MRICRON, compare, table
+from common import MRICRON, compare, make_mri_brain, table
 
-from raysegbg.data.nifti import import_nifti
 from raysegbg.data.synthetic import make_dataset
 
 METRICS = ["fg_dice", "precision", "fpr"]
@@ -38,9 +37,7 @@ def main() -> None:
         make_dataset("hetero_bg", Path(tmp) / "hbg", n=600, size=args.size, seed=0)
         tasks = {"hetero_bg": [*common, f"data.path={Path(tmp) / 'hbg'}"]}
         if (MRICRON / "ch2bet.nii.gz").is_file():
-            pairs = [(MRICRON / "ch2.nii.gz", MRICRON / "ch2bet.nii.gz")]
-            import_nifti(pairs, Path(tmp) / "brain", binarize=True, size=(args.size, args.size),
-                         min_foreground=0.01, name="ch2_brain")  # fmt: skip
+            make_mri_brain(Path(tmp) / "brain", args.size)
             tasks["mri-brain"] = [*common, f"data.path={Path(tmp) / 'brain'}"]
         variants = {"baseline": ["method.name=baseline"]}
         for k in args.k:

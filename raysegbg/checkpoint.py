@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from raysegbg import storage
 from raysegbg.errors import RaysegbgError
+from raysegbg.storage import Location
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -40,28 +43,38 @@ def save_shared(directory: Path, files: dict[str, bytes]) -> None:
         (directory / SHARED_DIR / name).write_bytes(data)
 
 
-def load_state(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The training state of a checkpoint, plus its shared-state files under "shared"."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
+def load_state(directory: Location, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The training state of a checkpoint, plus its shared-state files under "shared".
+
+    A checkpoint in an object store is downloaded to a temporary folder first.
+    """
+    if not storage.is_file(storage.join(directory, STATE_FILE)):
         raise RaysegbgError(f"{directory} is not a raysegbg checkpoint (no {STATE_FILE})")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    if storage.is_uri(directory):
+        with tempfile.TemporaryDirectory(prefix="raysegbg-ckpt-") as tmp:
+            return load_state(storage.download_dir(directory, Path(tmp)), map_location)
+    state = torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=False)
     shared = Path(directory) / SHARED_DIR
     if shared.is_dir():
         state["shared"] = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
     return state
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(folder, meta) of every complete checkpoint of a run, oldest first."""
+def list_checkpoints(run_dir: Location) -> list[tuple[Location, dict[str, Any]]]:
+    """(folder, meta) of every complete checkpoint of a run, oldest first; a run in an object
+    store gives URIs."""
     found = []
-    for meta_path in sorted(Path(run_dir).glob(f"epoch_*/{META_FILE}")):
-        if (meta_path.parent / STATE_FILE).is_file():
-            found.append((meta_path.parent, json.loads(meta_path.read_text())))
+    for entry in storage.listdir(run_dir):
+        folder = storage.join(run_dir, entry)
+        meta = storage.join(folder, META_FILE)
+        if not entry.startswith("epoch_") or not storage.is_file(meta):
+            continue
+        if storage.is_file(storage.join(folder, STATE_FILE)):
+            found.append((folder, json.loads(storage.read_text(meta))))
     return found
 
 
-def pick_checkpoint(run_dir: Path, which: str = "best", score: str = "val/miou") -> Path:
+def pick_checkpoint(run_dir: Location, which: str = "best", score: str = "val/miou") -> Location:
     """The best (highest `score`) or the last checkpoint of a finished or running run."""
     found = list_checkpoints(run_dir)
     if not found:

@@ -34,8 +34,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from raysegbg.inference import evaluate_run
+    from raysegbg.storage import location
 
-    metrics = evaluate_run(Path(args.run), args.split, args.checkpoint)
+    metrics = evaluate_run(location(args.run), args.split, args.checkpoint)
     width = max(len(k) for k in metrics)
     print(f"{'metric':<{width}}  value   ({args.split} split, {args.checkpoint} checkpoint)")
     for key, value in metrics.items():
@@ -47,8 +48,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from raysegbg.inference import predict_folder
+    from raysegbg.storage import location
 
-    count = predict_folder(Path(args.run), Path(args.input), Path(args.output))
+    count = predict_folder(location(args.run), Path(args.input), Path(args.output))
     print(f"wrote {count} masks to {args.output}")
     return 0
 
@@ -75,14 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split")
-    p.add_argument("--run", required=True, help="run folder (<storage_path>/<name>)")
+    p.add_argument(
+        "--run", required=True, help="run folder or URI (<storage_path>/<name>, e.g. s3://...)"
+    )
     p.add_argument("--split", default="test")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="write PNG masks for a folder of images")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, help="run folder or URI (<storage_path>/<name>)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.set_defaults(func=_predict)

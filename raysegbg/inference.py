@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from raysegbg import storage
 from raysegbg.checkpoint import load_state, pick_checkpoint
 from raysegbg.config import Config, load_config
 from raysegbg.data.format import DatasetMeta, read_meta
@@ -17,19 +18,25 @@ from raysegbg.data.loader import PAD_MULTIPLE, SegDataset, eval_batches
 from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Method
 from raysegbg.metrics import confusion, summarize
+from raysegbg.storage import Location
 from raysegbg.train import build_method
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-def load_run(run_dir: Path, which: str = "best") -> tuple[Config, DatasetMeta, Method, Path]:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+def load_run(
+    run_dir: Location, which: str = "best"
+) -> tuple[Config, DatasetMeta, Method, Location]:
+    """A run's config, dataset meta, method (weights of the `which` checkpoint) and that
+    checkpoint's folder. `run_dir` may be a URI (object store): its config.yaml and the one
+    checkpoint are downloaded."""
+    run_dir = storage.location(run_dir)
+    if not storage.is_file(storage.join(run_dir, "config.yaml")):
         raise RaysegbgError(
             f"{run_dir} is not a raysegbg run folder (no config.yaml): pass the folder printed "
             "by `raysegbg train`"
         )
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = _run_config(run_dir)
     ckpt = pick_checkpoint(run_dir, which, cfg.logging.score)
     meta = read_meta(cfg.data.path)
     method = build_method(cfg, meta.num_classes, meta.channels, meta.ignore_index)
@@ -37,8 +44,17 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[Config, DatasetMeta, M
     return cfg, meta, method.eval(), ckpt
 
 
+def _run_config(run_dir: Location) -> Config:
+    if not storage.is_uri(run_dir):
+        return load_config(Path(run_dir) / "config.yaml")
+    with tempfile.TemporaryDirectory(prefix="raysegbg-run-") as tmp:
+        local = Path(tmp) / "config.yaml"
+        local.write_bytes(storage.read_bytes(storage.join(run_dir, "config.yaml")))
+        return load_config(local)
+
+
 @torch.no_grad()
-def evaluate_run(run_dir: Path, split: str = "test", which: str = "best") -> dict[str, float]:
+def evaluate_run(run_dir: Location, split: str = "test", which: str = "best") -> dict[str, float]:
     cfg, meta, method, ckpt = load_run(run_dir, which)
     dataset = SegDataset(cfg.data.path, split)
     cm = torch.zeros(meta.num_classes, meta.num_classes, dtype=torch.long)
@@ -59,7 +75,7 @@ def _load_image(path: Path, channels: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_folder(run_dir: Path, input_dir: Path, output_dir: Path) -> int:
+def predict_folder(run_dir: Location, input_dir: Path, output_dir: Path) -> int:
     """Write one PNG class-id mask per input image; the folder appears complete or not at all."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     files = (

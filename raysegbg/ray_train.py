@@ -9,23 +9,26 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
+from raysegbg import storage
 from raysegbg.config import Config, from_dict, replace, save_config, to_dict
 from raysegbg.errors import RaysegbgError
 from raysegbg.methods import method_class
 from raysegbg.state import actor as state_actor
+from raysegbg.storage import Location
 
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Location  # a Path, or a URI when the storage path is one
     metrics: dict[str, float]  # last epoch's
-    best_checkpoint: Path | None
+    best_checkpoint: Location | None
     seconds: float
 
 
@@ -52,6 +55,8 @@ def preflight(cfg: Config, address: str | None) -> None:
     from raysegbg.models import check_model_config
 
     check_model_config(cfg.model)
+    if storage.is_uri(cfg.logging.storage_path):
+        storage.check(cfg.logging.storage_path)
     read_meta(cfg.data.path)
     for split in ("train", cfg.data.val_split):
         read_split(cfg.data.path, split, columns=["id"])
@@ -123,7 +128,7 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     ctx = WorkerContext(
-        run_dir=Path(loop_config["run_dir"]),
+        run_dir=storage.location(loop_config["run_dir"]),
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         device=device,
@@ -154,6 +159,9 @@ def _quiet_report_log() -> None:
 def _ray_report(metrics: dict[str, float], checkpoint_dir: Path | None, name: str) -> None:
     import ray.train
 
+    from raysegbg.tb import sync_all
+
+    sync_all()  # a run in an object store: this epoch's TensorBoard files go up with it
     checkpoint = (
         ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
     )
@@ -182,10 +190,15 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
     if result.error:
         raise result.error
     best = result.get_best_checkpoint(cfg.logging.score, "max") if result.best_checkpoints else None
+    run_dir = storage.join(cfg.logging.storage_path, cfg.logging.name)
+    if best and storage.is_uri(run_dir):  # Ray gives the path on the store, without the scheme
+        best_path = run_dir / PurePosixPath(best.path).name
+    else:
+        best_path = Path(best.path) if best else None
     return RunResult(
-        run_dir=Path(cfg.logging.storage_path) / cfg.logging.name,
+        run_dir=run_dir,
         metrics=dict(result.metrics or {}),
-        best_checkpoint=Path(best.path) if best else None,
+        best_checkpoint=best_path,
         seconds=time.perf_counter() - start,
     )
 
@@ -200,9 +213,8 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    run_dir = Path(cfg.logging.storage_path) / cfg.logging.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = storage.join(cfg.logging.storage_path, cfg.logging.name)
+    save_run_config(cfg, run_dir)
     workers = cfg.scaling.workers
     cpus = cfg.scaling.cpus_per_worker or max(
         1, int(ray.cluster_resources().get("CPU", 1)) // workers
@@ -239,6 +251,13 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
             state_actor.destroy(cfg.logging.name)
 
 
+def save_run_config(cfg: Config, run_dir: Location) -> None:
+    """`<run>/config.yaml` (what `eval` reads back), in a local folder or an object store."""
+    with tempfile.TemporaryDirectory(prefix="raysegbg-config-") as tmp:
+        save_config(cfg, Path(tmp) / "config.yaml")
+        storage.upload_file(Path(tmp) / "config.yaml", run_dir / "config.yaml")
+
+
 def print_summary(result: RunResult, file=sys.stdout) -> None:
     """The end-of-run table, plus where to look next."""
     m = result.metrics
@@ -260,4 +279,8 @@ def print_summary(result: RunResult, file=sys.stdout) -> None:
     for key, value in rows:
         print(f"{key:<{width}}  {value}", file=file)
     print("-" * 60, file=file)
-    print(f"TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}", file=file)
+    tb = result.run_dir / "tb"
+    if storage.is_uri(tb):  # TensorBoard does not speak pyarrow's URI options: copy it first
+        print(f"TensorBoard: event files in {tb} (copy them, then tensorboard --logdir)", file=file)
+    else:
+        print(f"TensorBoard: tensorboard --logdir {tb}", file=file)

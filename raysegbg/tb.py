@@ -1,13 +1,24 @@
-"""TensorBoard output of a run, written from world rank 0 only, with stable tag names."""
+"""TensorBoard output of a run, written from world rank 0 only, with stable tag names.
+
+A run in an object store (`logging.storage_path` a URI) gets its event files written to a
+local folder and copied up to `<run>/tb` by `sync` (after every epoch, see `sync_all`) and at
+`close`; copy that folder to view it (TensorBoard does not read pyarrow URI options).
+"""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+
+from raysegbg import storage
+from raysegbg.storage import Location
 
 # Class colours for mask images: background black, then well-separated hues.
 PALETTE = np.array(
@@ -47,11 +58,32 @@ def triptych_grid(images, masks, preds, ignore_index: int) -> np.ndarray:
     return np.concatenate(rows[:-1], axis=0)
 
 
-class RunWriter:
-    """The run's TensorBoard writer; a no-op on ranks other than 0."""
+_UPLOADING: weakref.WeakSet[RunWriter] = weakref.WeakSet()  # open writers with a URI logdir
 
-    def __init__(self, logdir: Path | None, purge_step: int | None = None):
-        self.writer = SummaryWriter(str(logdir), purge_step=purge_step) if logdir else None
+
+def sync_all() -> None:
+    """Upload what every open URI-backed writer of this process wrote so far (the Ray glue
+    calls it at each epoch's report, so the store has an epoch's curves with its checkpoint)."""
+    for writer in list(_UPLOADING):
+        writer.sync()
+
+
+class RunWriter:
+    """The run's TensorBoard writer; a no-op on ranks other than 0 (`logdir` None)."""
+
+    def __init__(self, logdir: Location | None, purge_step: int | None = None):
+        self.remote = str(logdir) if logdir is not None and storage.is_uri(logdir) else None
+        local = tempfile.mkdtemp(prefix="raysegbg-tb-") if self.remote else logdir
+        self.writer = SummaryWriter(str(local), purge_step=purge_step) if logdir else None
+        self._uploaded: dict[str, tuple[int, int]] = {}
+        if self.remote:
+            _UPLOADING.add(self)
+
+    def sync(self) -> None:
+        """Copy new or grown event files up to the URI logdir (no-op for a local one)."""
+        if self.remote and self.writer is not None:
+            self.writer.flush()
+            storage.upload_changed(Path(self.writer.log_dir), self.remote, self._uploaded)
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         if self.writer is None:
@@ -78,9 +110,14 @@ class RunWriter:
         self.writer.add_hparams(clean, metrics, run_name=".")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        if self.writer is None:
+            return
+        self.writer.flush()
+        self.writer.close()
+        if self.remote:
+            self.sync()
+            _UPLOADING.discard(self)
+            shutil.rmtree(self.writer.log_dir, ignore_errors=True)
 
 
 def flat_hparams(cfg_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:

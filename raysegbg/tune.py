@@ -11,6 +11,7 @@ interrupted search can be resumed. The only module besides `ray_train` that impo
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,11 +27,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from raysegbg import storage
 from raysegbg.config import Config, from_dict, load_config, replace, to_dict
 from raysegbg.errors import RaysegbgError
 from raysegbg.ray_train import init_ray, preflight, resolve_run, run_trainer
 from raysegbg.search_space import SearchSpace, apply_params, load_space, parse_space
-from raysegbg.tune_commands import TrialRow, write_reports
+from raysegbg.storage import Location
+from raysegbg.tune_commands import HPARAMS_DIR, TrialRow, write_reports
 
 SEARCH_FILE = "search.yaml"  # what a resume needs: base config, space, options
 ASHA_FILE = "asha_rungs.state"  # not .pkl/.json: Tune copies those back over ours on resume
@@ -61,7 +64,7 @@ class SearchOptions:
 
 @dataclass
 class SearchResult:
-    search_dir: Path
+    search_dir: Location  # a Path, or a storage.Uri when the storage path is a URI
     rows: list[TrialRow]
     best: TrialRow | None
     interrupted: bool  # fewer than `samples` trials ended: continue with --resume
@@ -77,7 +80,7 @@ def run_search(opts: SearchOptions, callbacks: list[Any] | None = None) -> Searc
     # our writers own TensorBoard (one session per trial); Tune keeps its CSV/JSON results only
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     init_ray(opts.address)
-    search_dir = Path(plan["search_dir"])
+    search_dir = storage.location(plan["search_dir"])
     trainable = _trainable(plan)
     if opts.resume:
         tuner = ray.tune.Tuner.restore(str(search_dir), trainable, resume_errored=False)
@@ -95,13 +98,14 @@ def _new_plan(opts: SearchOptions) -> dict[str, Any]:
     name = opts.name or f"tune-{Path(opts.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     resolved = resolve_run(replace(base, logging={"name": name}))
     _preflight(resolved, space, opts.address)
-    search_dir = Path(resolved.logging.storage_path) / name
-    if (search_dir / SEARCH_FILE).exists():
+    search_dir = storage.join(resolved.logging.storage_path, name)
+    if storage.exists(search_dir / SEARCH_FILE):
         raise RaysegbgError(
             f"search {name} already exists in {search_dir.parent}: continue it with "
             f"--resume {name}, or pick another --name"
         )
-    search_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_uri(search_dir):  # an object store has no folders to make
+        search_dir.mkdir(parents=True, exist_ok=True)
     samples = len(space.grid()) if opts.grid else opts.samples
     return {
         "search_dir": str(search_dir), "name": name, "base": to_dict(base),
@@ -142,13 +146,17 @@ def _preflight(cfg: Config, space: SearchSpace, address: str | None) -> None:
 
 
 def _resume_plan(opts: SearchOptions) -> dict[str, Any]:
-    storage = Path(load_config(opts.config, opts.overrides).logging.storage_path)
-    search_dir = (storage / opts.resume).expanduser().resolve()
-    if not (search_dir / SEARCH_FILE).is_file():
-        found = sorted(p.parent.name for p in storage.glob(f"*/{SEARCH_FILE}"))
+    root = storage.location(load_config(opts.config, opts.overrides).logging.storage_path)
+    search_dir = root / opts.resume
+    if storage.is_uri(search_dir):
+        storage.check(root)
+    else:
+        search_dir = search_dir.expanduser().resolve()
+    if not storage.is_file(search_dir / SEARCH_FILE):
+        found = [n for n in storage.listdir(root) if storage.is_file(root / n / SEARCH_FILE)]
         listed = f": searches there are {', '.join(found)}" if found else ""
         raise RaysegbgError(
-            f"no search named {opts.resume} in {storage}{listed} (pass the same --config / "
+            f"no search named {opts.resume} in {root}{listed} (pass the same --config / "
             "logging.storage_path as the search)"
         )
     if not ray.tune.Tuner.can_restore(str(search_dir)):
@@ -156,7 +164,7 @@ def _resume_plan(opts: SearchOptions) -> dict[str, Any]:
             f"search {opts.resume} stopped before Tune saved its state: start it again "
             f"without --resume (delete {search_dir} first)"
         )
-    plan = yaml.safe_load((search_dir / SEARCH_FILE).read_text())
+    plan = yaml.safe_load(storage.read_text(search_dir / SEARCH_FILE))
     preflight(from_dict(plan["trial_base"]), opts.address)  # the data may have moved since
     return plan
 
@@ -199,7 +207,8 @@ def _trainable(plan: dict[str, Any]) -> Any:
 
 
 def _new_tuner(plan: dict[str, Any], trainable: Any, callbacks: list[Any]) -> ray.tune.Tuner:
-    (Path(plan["search_dir"]) / SEARCH_FILE).write_text(yaml.safe_dump(plan, sort_keys=False))
+    search_dir = storage.location(plan["search_dir"])
+    storage.write_text(search_dir / SEARCH_FILE, yaml.safe_dump(plan, sort_keys=False))
     space = parse_space(plan["space"], SEARCH_FILE)
     if plan["grid"]:
         param_space = {k: ray.tune.grid_search(list(space.param(k).choices)) for k in space.names}
@@ -222,7 +231,7 @@ def _new_tuner(plan: dict[str, Any], trainable: Any, callbacks: list[Any]) -> ra
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=ray.tune.RunConfig(
-            name=plan["name"], storage_path=str(Path(plan["search_dir"]).parent),
+            name=plan["name"], storage_path=str(search_dir.parent),
             callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *callbacks],
             verbose=1,
         ),
@@ -237,7 +246,7 @@ def _scheduler(plan: dict[str, Any]) -> Any:
     if plan["scheduler"] != "asha" or grace >= epochs:
         return FIFOScheduler()
     return _ResumableASHA(
-        str(Path(plan["search_dir"]) / ASHA_FILE), time_attr="epoch", max_t=epochs - 1,
+        str(storage.join(plan["search_dir"], ASHA_FILE)), time_attr="epoch", max_t=epochs - 1,
         grace_period=grace, reduction_factor=ASHA_REDUCTION, stop_last_trials=False,
     )  # fmt: skip
 
@@ -278,19 +287,36 @@ class _ResumableASHA(ASHAScheduler):
         self._state_file, self._loaded = state_file, False
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        if not self._loaded and Path(self._state_file).is_file():
-            self.restore(self._state_file)  # the rungs recorded before the interruption
+        if not self._loaded and storage.is_file(self._state_file):
+            self._restore_rungs()  # the rungs recorded before the interruption
         self._loaded = True
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
-        self.save(self._state_file)
+        self._save_rungs()
         return action
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         super().on_trial_complete(tune_controller, trial, result)
-        self.save(self._state_file)
+        self._save_rungs()
+
+    # ASHA saves to and restores from a local file; a search in an object store keeps a copy
+    def _save_rungs(self) -> None:
+        if not storage.is_uri(self._state_file):
+            self.save(self._state_file)
+            return
+        with tempfile.TemporaryDirectory(prefix="raysegbg-asha-") as tmp:
+            self.save(os.path.join(tmp, ASHA_FILE))
+            storage.upload_file(Path(tmp, ASHA_FILE), self._state_file)
+
+    def _restore_rungs(self) -> None:
+        if not storage.is_uri(self._state_file):
+            self.restore(self._state_file)
+            return
+        with tempfile.TemporaryDirectory(prefix="raysegbg-asha-") as tmp:
+            Path(tmp, ASHA_FILE).write_bytes(storage.read_bytes(self._state_file))
+            self.restore(os.path.join(tmp, ASHA_FILE))
 
 
 class _StampedReport(TuneReportCallback):
@@ -304,17 +330,32 @@ class _StampedReport(TuneReportCallback):
 
 # -- after: rows, reports ---------------------------------------------------------------------
 def _finish(plan: dict[str, Any], results: Any) -> SearchResult:
-    search_dir = Path(plan["search_dir"])
+    search_dir = storage.location(plan["search_dir"])
     # Tune's own record of how each trial ended (the result grid does not say)
     trials = {t.trial_id: t for t in ray.tune.ExperimentAnalysis(str(search_dir)).trials}
     epochs = plan["trial_base"]["train"]["epochs"]
     rows = [_row(r, trials, plan["metric"], epochs) for r in results]
     space = parse_space(plan["space"], SEARCH_FILE)
-    best = write_reports(search_dir, rows, space, plan["base"], plan["metric"], plan["mode"])
+    best = _write_reports(search_dir, rows, space, plan)
     done = sum(r.status != "unfinished" for r in rows)
     return SearchResult(
         search_dir, rows, best, done < plan["samples"], plan["samples"], plan["metric"]
     )
+
+
+def _write_reports(
+    search_dir: Location, rows: list[TrialRow], space: SearchSpace, plan: dict[str, Any]
+) -> TrialRow | None:
+    """The reports go straight into a local search folder; for an object store they are
+    written to a temporary folder and uploaded (the old HParams sessions replaced)."""
+    args = (rows, space, plan["base"], plan["metric"], plan["mode"])
+    if not storage.is_uri(search_dir):
+        return write_reports(search_dir, *args)
+    with tempfile.TemporaryDirectory(prefix="raysegbg-reports-") as tmp:
+        best = write_reports(Path(tmp), *args)
+        storage.delete_dir(search_dir / HPARAMS_DIR)
+        storage.upload_dir(Path(tmp), search_dir)
+    return best
 
 
 def _row(result: Any, trials: dict[str, Any], metric: str, epochs: int) -> TrialRow:

@@ -174,8 +174,10 @@ class Prn(Method):
         from pathlib import Path
 
         folder = Path(path)
-        if (folder / "config.yaml").is_file():  # a run folder: its best checkpoint
-            folder = pick_checkpoint(folder, "best", self.cfg.logging.score)
+        if (folder / "config.yaml").is_file():  # a run folder
+            # a prn run's final base is in its last checkpoint; a baseline's best is its best
+            prn = "name: prn" in (folder / "config.yaml").read_text()
+            folder = pick_checkpoint(folder, "last" if prn else "best", self.cfg.logging.score)
         state = load_state(folder)["method"]
         prefixes = ("base.", "net.")  # a prn or a baseline run
         weights = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(prefixes)}

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from raysegbg import storage
 from raysegbg.data.format import replace_directory
 from raysegbg.state.store import PseudoLabelStore
 
@@ -41,7 +42,7 @@ class SharedState:
     """Actor body (plain class: `ray.remote` is applied in `create`, testable without Ray)."""
 
     def __init__(self, state_dir: str):
-        self.state_dir = Path(state_dir)
+        self.state_dir = storage.location(state_dir)  # a URI for a run in an object store
         self.memories: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self.store = PseudoLabelStore()
         self.restored = self._load(self.state_dir / "latest")
@@ -86,7 +87,11 @@ class SharedState:
 
     def persist(self) -> str:
         """Write the current state to <run>/state/latest (atomic replace)."""
-        return str(self._write(self.state_dir / "latest"))
+        latest = self.state_dir / "latest"
+        if storage.is_uri(latest):  # staged locally, then published all at once
+            with tempfile.TemporaryDirectory() as tmp:
+                return storage.publish_dir(self._write(Path(tmp) / "s"), latest)
+        return str(self._write(latest))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -108,7 +113,10 @@ class SharedState:
         replace_directory(tmp, target)
         return target
 
-    def _load(self, directory: Path) -> bool:
+    def _load(self, directory: Path | str) -> bool:
+        if storage.is_uri(directory):  # the version that persist last published
+            with tempfile.TemporaryDirectory() as tmp:
+                return storage.fetch_published(directory, Path(tmp)) and self._load(Path(tmp))
         if not (directory / "memories.json").is_file():
             return False
         for name, version in json.loads((directory / "memories.json").read_text()).items():

@@ -1,0 +1,231 @@
+"""Runs in an object store: `raysegbg.storage` against a local S3 server (moto) and a local
+folder, and one tiny Ray Train run with `logging.storage_path=s3://...` end to end."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raysegbg import storage
+from raysegbg.storage import Uri
+
+# Before any test starts Ray: its workers inherit these (moto accepts any credentials).
+for _key, _value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+BUCKET = "raysegbg-test"
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    """A moto S3 server on 127.0.0.1 with one bucket; the URI query options that reach it."""
+    moto_server = pytest.importorskip("moto.server")
+    import pyarrow.fs as pafs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    options = f"endpoint_override=127.0.0.1:{port}&scheme=http"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?{options}&allow_bucket_creation=true")
+    fs.create_dir(BUCKET)
+    yield options
+    server.stop()
+
+
+@pytest.fixture(params=["s3", "file", "local"])
+def root(request, tmp_path) -> storage.Location:
+    """A fresh folder: in the moto bucket, a file:// URI, or a local path."""
+    if request.param == "local":
+        return tmp_path / "root"
+    if request.param == "file":
+        return storage.location(f"file://{tmp_path}/root")
+    options = request.getfixturevalue("s3_options")
+    return storage.location(f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}?{options}")
+
+
+def test_uri_joins_keep_query_options_at_the_end():
+    uri = storage.location("s3://b/runs?endpoint_override=h:9&scheme=http")
+    assert isinstance(uri, Uri)
+    assert uri / "run" / "tb" == "s3://b/runs/run/tb?endpoint_override=h:9&scheme=http"
+    assert (uri / "run").name == "run" and (uri / "run").parent == uri
+    assert storage.join("gs://b/x/", "y", "z") == "gs://b/x/y/z"
+    assert storage.location("/tmp/x") == Path("/tmp/x") and not storage.is_uri(Path("/tmp/x"))
+
+
+def test_write_read_list_and_overwrite(root):
+    target = root / "a" / "b.txt"
+    assert not storage.exists(target) and storage.listdir(root / "a") == []
+    storage.write_text(target, "one")
+    storage.write_bytes(target, b"two")  # replaced whole
+    assert storage.read_text(target) == "two" and storage.is_file(target)
+    assert storage.listdir(root / "a") == ["b.txt"]
+    assert storage.exists(root / "a") and not storage.is_file(root / "a")
+
+
+def test_folders_upload_download_and_mirror(root, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "x.bin").write_bytes(b"x")
+    (src / "sub" / "y.bin").write_bytes(b"y")
+    storage.upload_dir(src, root / "up")
+    back = storage.download_dir(root / "up", tmp_path / "back")
+    assert (back / "x.bin").read_bytes() == b"x" and (back / "sub" / "y.bin").read_bytes() == b"y"
+
+    seen: dict[str, tuple[int, int]] = {}
+    assert storage.upload_changed(src, root / "mirror", seen) == 2
+    assert storage.upload_changed(src, root / "mirror", seen) == 0  # nothing new
+    (src / "x.bin").write_bytes(b"x grown")
+    assert storage.upload_changed(src, root / "mirror", seen) == 1
+    assert storage.read_bytes(root / "mirror" / "x.bin") == b"x grown"
+
+
+def test_publish_switches_versions_whole(root, tmp_path):
+    assert not storage.fetch_published(root / "snap", tmp_path / "none")
+    for n in (1, 2):
+        src = tmp_path / f"v{n}"
+        src.mkdir()
+        (src / "data.txt").write_text(f"version {n}")
+        storage.publish_dir(src, root / "snap")
+    entries = storage.listdir(root / "snap")
+    assert len(entries) == 2 and storage.CURRENT in entries  # the old version is gone
+    got = tmp_path / "got"
+    assert storage.fetch_published(root / "snap", got)
+    assert (got / "data.txt").read_text() == "version 2"
+
+
+def test_shared_state_snapshot_in_object_store(s3_options):
+    from raysegbg.state.actor import SharedState
+
+    state_dir = f"s3://{BUCKET}/state-{uuid.uuid4().hex[:8]}?{s3_options}"
+    first = SharedState(state_dir)
+    assert not first.restored
+    first.put_memory("memory", 7, {"memory": np.arange(6.0).reshape(2, 3)})
+    first.put_labels(["a"], [np.ones((4, 4), np.uint8)], step=7)
+    first.persist()
+    first.persist()  # a second version replaces the first
+    again = SharedState(state_dir)  # what Ray's restart of a crashed actor does
+    assert again.restored and again.info()["labels"] == 1
+    version, arrays = again.get_memory("memory")
+    assert version == 7 and np.array_equal(arrays["memory"], np.arange(6.0).reshape(2, 3))
+
+
+def test_checkpoints_found_and_loaded_from_object_store(s3_options, tmp_path):
+    import torch
+
+    from raysegbg.checkpoint import (
+        list_checkpoints,
+        load_state,
+        pick_checkpoint,
+        save_checkpoint,
+        save_shared,
+    )
+
+    local = tmp_path / "run"
+    for epoch, miou in ((1, 0.5), (2, 0.4)):
+        folder = save_checkpoint(
+            local / f"epoch_{epoch:04d}",
+            {"method": {"w": torch.full((2,), float(epoch))}},
+            {"epoch": epoch, "metrics": {"val/miou": miou}},
+        )
+        save_shared(folder, {"memory.npz": b"raw"})
+    run = storage.location(f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}?{s3_options}")
+    storage.upload_dir(local, run)
+
+    assert [m["epoch"] for _, m in list_checkpoints(run)] == [1, 2]
+    best, last = pick_checkpoint(run, "best"), pick_checkpoint(run, "last")
+    assert best == run / "epoch_0001" and last == run / "epoch_0002"
+    state = load_state(best)
+    assert torch.equal(state["method"]["w"], torch.ones(2))
+    assert state["shared"] == {"memory.npz": b"raw"}
+
+
+def test_tensorboard_goes_up_at_sync_and_close(s3_options, tmp_path):
+    from raysegbg.tb import RunWriter, sync_all
+    from tests.tb_read import scalar_steps
+
+    logdir = storage.location(f"s3://{BUCKET}/tb-{uuid.uuid4().hex[:8]}?{s3_options}")
+    writer = RunWriter(logdir)
+    writer.scalars({"val/miou": 0.5}, 1)
+    sync_all()  # what each epoch's report does
+    assert any(n.startswith("events.out.tfevents") for n in storage.listdir(logdir))
+    writer.scalars({"val/miou": 0.6}, 2)
+    writer.close()
+    assert not Path(writer.writer.log_dir).exists()  # the local staging folder is removed
+    back = storage.download_dir(logdir, tmp_path / "tb")
+    assert scalar_steps(back, "val/miou") == [1, 2]
+
+
+@pytest.mark.slow
+def test_training_run_in_object_store(ray_local, tiny_data, s3_options, tmp_path):
+    """MCIBI, so the shared-state actor persists into the bucket too."""
+    from raysegbg.checkpoint import list_checkpoints
+    from raysegbg.cli import main
+    from raysegbg.config import load_config
+    from raysegbg.inference import evaluate_run
+    from raysegbg.ray_train import fit
+    from tests.conftest import tiny_overrides
+    from tests.tb_read import scalar_steps, tags
+
+    storage_path = f"s3://{BUCKET}/runs-{uuid.uuid4().hex[:8]}?{s3_options}"
+    overrides = tiny_overrides(
+        tiny_data, storage_path,
+        **{"logging.name": "s3-run", "method.name": "mcibi", "method.mcibi.dims": 8,
+           "method.mcibi.attention_dims": 4, "train.snapshot_every": 2},
+    )  # fmt: skip
+    result = fit(load_config(None, overrides))
+    run = storage.join(storage_path, "s3-run")
+    assert result.run_dir == run and result.metrics["epoch"] == 2
+    assert result.best_checkpoint in (run / "epoch_0001", run / "epoch_0002")
+
+    assert storage.is_file(run / "config.yaml")
+    assert storage.is_file(run / "state" / "latest" / storage.CURRENT)  # the actor's snapshot
+    assert {m["epoch"] for _, m in list_checkpoints(run)} <= {1, 2}
+    events = [n for n in storage.listdir(run / "tb") if n.startswith("events.out.tfevents")]
+    assert events, storage.listdir(run)
+    tb = storage.download_dir(run / "tb", tmp_path / "tb")
+    assert scalar_steps(tb, "val/miou") == [1, 2]
+    assert "val/images" in tags(tb)["images"]
+
+    assert 0 <= evaluate_run(run, "test")["miou"] <= 1
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--run", str(run), "--checkpoint", "last", "--json", str(out)]) == 0
+    assert out.is_file()
+
+
+@pytest.mark.slow
+def test_search_in_object_store(ray_local, tiny_data, s3_options, capsys):
+    """`raysegbg tune` with an s3:// storage path: trials, ASHA rungs and reports land there."""
+    from raysegbg.cli import main
+    from tests.conftest import tiny_overrides
+
+    storage_path = f"s3://{BUCKET}/tune-{uuid.uuid4().hex[:8]}?{s3_options}"
+    overrides = tiny_overrides(tiny_data, storage_path, **{"scaling.workers": 1})
+    space = Path(__file__).resolve().parents[1] / "search_spaces" / "baseline.yaml"
+    args = ["tune", "--space", str(space), "--samples", "1", "--max-concurrent", "1"]
+    assert main([*args, "--name", "s3-search", *[f"--set={o}" for o in overrides]]) == 0
+    search = storage.join(storage_path, "s3-search")
+    assert str(search / "best_config.yaml") in capsys.readouterr().out
+    for name in ("search.yaml", "asha_rungs.state", "summary.csv", "best_config.yaml"):
+        assert storage.is_file(search / name), name
+    (trial,) = storage.listdir(search / "hparams")
+    assert storage.is_file(search / trial / "config.yaml")
+    assert storage.listdir(search / trial / "tb") and storage.listdir(search / "hparams" / trial)
+
+
+def test_unreachable_storage_fails_in_one_line(s3_options):
+    from raysegbg.errors import RaysegbgError
+
+    with pytest.raises(RaysegbgError, match="cannot use storage nosuch://"):
+        storage.check("nosuch://bucket/runs")
+    with pytest.raises(RaysegbgError, match="bucket missing-bucket .* does not exist"):
+        storage.check(f"s3://missing-bucket/runs?{s3_options}")
+    storage.check(f"s3://{BUCKET}/runs?{s3_options}")  # a new prefix in an existing bucket
