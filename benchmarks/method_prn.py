@@ -109,9 +109,8 @@ def main() -> None:
     for task, values in rows:
         base = statistics.mean(values["base"])
         for v in VARIANTS:
-            mean, std = statistics.mean(values[v]), statistics.pstdev(values[v])
-            if len(values[v]) > 1:
-                std = statistics.stdev(values[v])
+            mean = statistics.mean(values[v])
+            std = statistics.stdev(values[v]) if len(values[v]) > 1 else 0.0
             print(f"{task:<12}{v:<20}{mean:>13.2f} ± {std:<6.2f}{mean - base:>+10.2f}")
 
 

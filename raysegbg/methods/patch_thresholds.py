@@ -10,7 +10,6 @@ how many of them are right. Cost O(pixels + patches × thresholds), on any devic
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 WHOLE_IMAGE = 0  # patch size meaning "one patch per image" (image-level optimal threshold)
 
@@ -81,8 +80,3 @@ def foreground_iou(pred: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor) ->
     """(intersection, union) pixel counts of a binary prediction over valid pixels."""
     pred, fg = pred.bool() & valid, fg & valid
     return int((pred & fg).sum()), int((pred | fg).sum())
-
-
-def pad_to(x: torch.Tensor, height: int, width: int, value: float = 0) -> torch.Tensor:
-    """Pad the last two dims (bottom/right) to height × width."""
-    return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]), value=value)

@@ -55,6 +55,11 @@ def label_key(image_id: str, head: int) -> str:
     return f"{image_id}@{'image' if head == WHOLE_IMAGE else f'p{head}'}"
 
 
+def _need_store(run: StageRun) -> None:
+    if run.state is None:
+        raise RaysegbgError("prn needs the run's shared state for its pseudo-label store")
+
+
 def two_class(logit: torch.Tensor) -> torch.Tensor:
     """One foreground logit -> (background 0, foreground) logits: softmax = sigmoid."""
     return torch.cat([torch.zeros_like(logit), logit], dim=1)
@@ -239,8 +244,7 @@ class Prn(Method):
         return out
 
     def _write_labels(self, items: list, run: StageRun) -> None:
-        if run.state is None:
-            raise RaysegbgError("prn needs the run's shared state for its pseudo-label store")
+        _need_store(run)
         for start in range(0, len(items), LABEL_CHUNK):
             keys, labels, thresholds = zip(*items[start : start + LABEL_CHUNK], strict=True)
             run.state.put_labels(keys, labels, thresholds, step=0)
@@ -250,8 +254,7 @@ class Prn(Method):
         """All held-out pseudo-labels from the store, read once by rank 0, sent to all."""
         labels = None
         if run.rank == 0:
-            if run.state is None:
-                raise RaysegbgError("prn needs the run's shared state for its pseudo-label store")
+            _need_store(run)
             keys = [label_key(i, head) for i in run.dataset.ids for head in self.heads]
             got = []
             for start in range(0, len(keys), LABEL_CHUNK):
