@@ -186,6 +186,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
         raise _type_error(value, tp, where)
     if origin is tuple:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            # a list written as YAML text: a search space's categorical choice ("[8, 16]")
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
         if not isinstance(value, (list, tuple)):
             raise _type_error(value, tp, where)
         (item_tp, _) = typing.get_args(tp)

@@ -52,12 +52,14 @@ def _absolute(path: str) -> str:
 def preflight(cfg: Config, address: str | None) -> None:
     """Everything that can be checked without Ray, so bad input fails in a second."""
     from raysegbg.data.format import read_meta, read_split
+    from raysegbg.methods import method_class
     from raysegbg.models import check_model_config
 
     check_model_config(cfg.model)
     if storage.is_uri(cfg.logging.storage_path):
         storage.check(cfg.logging.storage_path)
-    read_meta(cfg.data.path)
+    meta = read_meta(cfg.data.path)
+    method_class(cfg.method.name).check_data(cfg, meta.num_classes)
     for split in ("train", cfg.data.val_split):
         read_split(cfg.data.path, split, columns=["id"])
     if address:

@@ -137,12 +137,19 @@ def _check_options(opts: SearchOptions) -> None:
 
 def _preflight(cfg: Config, space: SearchSpace, address: str | None) -> None:
     """The run preflight on the base config, plus every model the space can build."""
+    from raysegbg.data.format import read_meta
+    from raysegbg.methods import method_class
     from raysegbg.models import check_model_config
     from raysegbg.search_space import probe_configs
 
     preflight(cfg, address)
+    num_classes = read_meta(cfg.data.path).num_classes
     for _, _, probe in probe_configs(space, cfg):
         check_model_config(probe.model)
+        try:
+            method_class(probe.method.name).check_data(probe, num_classes)
+        except RaysegbgError as exc:
+            raise RaysegbgError(f"search space {space.source} can choose {exc}") from None
 
 
 def _resume_plan(opts: SearchOptions) -> dict[str, Any]:

@@ -104,3 +104,13 @@ def test_missing_run_folder(tmp_path, capsys):
         ["predict", "--run", tmp_path, "--input", tmp_path, "--output", tmp_path / "o"], capsys
     )
     assert "no images" in err and not (tmp_path / "o").exists()
+
+
+def test_prn_rejects_a_multiclass_dataset(tmp_path, capsys):
+    from raysegbg.data.synthetic import make_dataset
+
+    data = tmp_path / "multi"
+    make_dataset("ambiguous", data, n=12, size=32, seed=0)
+    err = run_cli(train_args(data, tmp_path, "--set", "method.name=prn"), capsys)
+    assert "prn refines binary segmentation but the dataset has" in err
+    assert "varying_contrast" in err and not (tmp_path / "bad").exists()

@@ -232,7 +232,7 @@ def test_space_is_checked_against_the_base_config(tmp_path):
         load_space(write(tmp_path, data), base)
 
 
-@pytest.mark.parametrize("name", ["baseline", "mcibi", "colab", "all"])
+@pytest.mark.parametrize("name", ["baseline", "mcibi", "colab", "prn", "all"])
 def test_every_shipped_space_checks_and_its_samples_build_configs(name):
     from raysegbg.config import from_dict, load_config, to_dict
     from raysegbg.search_space import apply_params, check_space
@@ -243,3 +243,6 @@ def test_every_shipped_space_checks_and_its_samples_build_configs(name):
     for params in sample_many(space, 12):
         cfg = from_dict(apply_params(to_dict(base), params))
         assert cfg.method.name == params.get("method.name", cfg.method.name)
+        if "method.prn.patch_sizes" in params:  # a list choice, written as YAML text
+            sizes = cfg.method.prn.patch_sizes
+            assert isinstance(sizes, tuple) and str(list(sizes)) == params["method.prn.patch_sizes"]

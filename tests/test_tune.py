@@ -128,6 +128,15 @@ def test_bad_space_fails_in_one_line_before_ray(tmp_path, tiny_data, monkeypatch
     with pytest.raises(RaysegbgError, match="unknown model.arch 'NoSuchNet'"):
         args.func(parser.parse_args(argv))
 
+    from raysegbg.data.synthetic import make_dataset
+
+    multi = tmp_path / "multi"
+    make_dataset("ambiguous", multi, n=12, size=32, seed=0)
+    argv = ["tune", "--space", "search_spaces/all.yaml", *sum((["--set", o] for o in tiny_overrides(
+        multi, tmp_path)), [])]  # fmt: skip
+    with pytest.raises(RaysegbgError, match="all.yaml can choose prn refines binary segmentation"):
+        args.func(parser.parse_args(argv))
+
 
 def report_times(trial_dir: Path) -> tuple[float, float]:
     """Wall times of a trial's first and last epoch reports (Tune's progress.csv)."""

@@ -72,6 +72,10 @@ class Method(nn.Module):
         self.in_channels = in_channels
         self.ignore_index = ignore_index
 
+    @classmethod
+    def check_data(cls, cfg: Config, num_classes: int) -> None:
+        """Reject a dataset the method cannot train on (called before Ray starts)."""
+
     def forward(self, batch: Batch, info: StepInfo) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -120,12 +120,7 @@ class Prn(Method):
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)
-        if num_classes != 2:
-            raise RaysegbgError(
-                f"prn refines binary segmentation but the dataset has {num_classes} classes: "
-                "use a binary dataset (e.g. `raysegbg data make varying_contrast`) or another "
-                "method"
-            )
+        self.check_data(cfg, num_classes)
         self.params = p = cfg.method.prn
         self.base = build_model(cfg.model, in_channels, 2)
         self.refiner = Refiner(cfg, 1 + (in_channels if p.use_image else 0))
@@ -135,6 +130,15 @@ class Prn(Method):
         self.stage_name = "base"
         self.labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (label, thresholds)
         self.shown: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def check_data(cls, cfg: Config, num_classes: int) -> None:
+        if num_classes != 2:
+            raise RaysegbgError(
+                f"prn refines binary segmentation but the dataset has {num_classes} classes: "
+                "use a binary dataset (e.g. `raysegbg data make varying_contrast`) or another "
+                "method"
+            )
 
     # -- stages ---------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
