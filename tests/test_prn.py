@@ -121,6 +121,10 @@ def test_base_checkpoint_replaces_stage_one(contrast_data, tmp_path):
     got = base_weights(load_state(found[0][0]))
     assert got and all(torch.equal(v, net["net." + k[5:]]) for k, v in got.items())
 
+    fresh = Prn(cfg, 2, 1, 255)  # the same run folder as an object-store URI
+    fresh._load_base(f"file://{tmp_path / 'b'}")
+    assert all(torch.equal(v, net["net." + k]) for k, v in fresh.base.state_dict().items())
+
 
 def test_refuses_a_multiclass_dataset_and_a_bad_base_checkpoint(tmp_path):
     cfg = load_config(None, ["method.name=prn", "model.encoder_depth=3",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysegbg import dist
+from raysegbg import dist, storage
 from raysegbg.checkpoint import load_state, pick_checkpoint
 from raysegbg.config import Config
 from raysegbg.errors import RaysegbgError
@@ -180,12 +180,12 @@ class Prn(Method):
 
     # -- stage 1 ------------------------------------------------------------------------------
     def _load_base(self, path: str) -> dict[str, float]:
-        from pathlib import Path
-
-        folder = Path(path)
-        if (folder / "config.yaml").is_file():  # a run folder
+        """Base weights from a run or checkpoint folder (a local path or an object-store URI)."""
+        folder = storage.location(path)
+        config = storage.join(folder, "config.yaml")
+        if storage.is_file(config):  # a run folder
             # a prn run's final base is in its last checkpoint; a baseline's best is its best
-            prn = "name: prn" in (folder / "config.yaml").read_text()
+            prn = "name: prn" in storage.read_text(config)
             folder = pick_checkpoint(folder, "last" if prn else "best", self.cfg.logging.score)
         state = load_state(folder)["method"]
         prefixes = ("base.", "net.")  # a prn or a baseline run
