@@ -28,15 +28,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--n", type=int, default=600, help="images in the built-in set")
+    parser.add_argument("--tasks", nargs="+", default=["hetero_bg", "mri-brain"])
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     args = parser.parse_args()
     common = ["model.encoder_depth=4", "model.decoder_channels=[64,32,16,16]",
               f"train.epochs={args.epochs}", "train.batch_size=16",
               f"train.steps_per_epoch={args.steps}", f"data.crop_size={args.size}",
-              "logging.image_every=1000"]  # fmt: skip
+              "logging.image_every=1000", *args.set]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        make_dataset("hetero_bg", Path(tmp) / "hbg", n=600, size=args.size, seed=0)
-        tasks = {"hetero_bg": [*common, f"data.path={Path(tmp) / 'hbg'}"]}
-        if (MRICRON / "ch2bet.nii.gz").is_file():
+        tasks = {}
+        if "hetero_bg" in args.tasks:
+            make_dataset("hetero_bg", Path(tmp) / "hbg", n=args.n, size=args.size, seed=0)
+            tasks["hetero_bg"] = [*common, f"data.path={Path(tmp) / 'hbg'}"]
+        if "mri-brain" in args.tasks and (MRICRON / "ch2bet.nii.gz").is_file():
             make_mri_brain(Path(tmp) / "brain", args.size)
             tasks["mri-brain"] = [*common, f"data.path={Path(tmp) / 'brain'}"]
         variants = {"baseline": ["method.name=baseline"]}
@@ -48,7 +53,8 @@ def main() -> None:
             "method.colab.meta_update=false",
         ]
         rows = compare(tasks, variants, args.seeds, METRICS)
-    print(f"\nseeds {args.seeds}; {args.epochs} epochs x {args.steps} steps; test split\n")
+    print(f"\nseeds {args.seeds}; {args.epochs} epochs x {args.steps} steps; built-in set "
+          f"{args.n} images; extra {args.set}; test split\n")
     print(table(rows, METRICS))
 
 

@@ -104,6 +104,7 @@ class PrnParams:
     gt_weight: float = 0.3  # loss on the ground truth
     dice_weight: float = 0.5  # soft Dice next to cross entropy in both
     use_image: bool = False  # give the refiner the image next to the base probability
+    residual: bool = True  # heads correct the base logit (and start as the base), else replace
     refiner_encoder: str = "resnet18"
     refiner_depth: int = 3
 

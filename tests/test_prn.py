@@ -152,8 +152,12 @@ def test_inference_averages_the_heads_and_predicts_like_its_stage():
     method.stage_name = "refine"
     logits = method.predict(images)
     q = method.refined_probability(images)
-    heads = method.refiner(method.base_probability(images))
+    heads, prob = method.refiner_logits(images)
     assert set(heads) == {0, 8, 16}
+    base = method.base_logit(images)  # a fresh residual refiner starts as the base
+    assert all(torch.equal(v, base) for v in heads.values())
+    torch.testing.assert_close(prob, method.base_probability(images))
+    torch.testing.assert_close(prob, method.base(images).softmax(1)[:, 1:])
     torch.testing.assert_close(q, torch.stack([v.sigmoid() for v in heads.values()]).mean(0))
     assert torch.equal(logits.argmax(1), (q[:, 0] > 0.5).long())
     # the stage travels with the weights

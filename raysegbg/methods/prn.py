@@ -79,6 +79,7 @@ class LocalHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(width, 1, 1),
         )  # fmt: skip
+        _zero(self.body[-1])
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         b, c, h, w = feats.shape
@@ -92,9 +93,16 @@ class LocalHead(nn.Module):
         return out[:, :, :h, :w]
 
 
+def _zero(conv: nn.Conv2d) -> None:
+    """A residual head starts as "no correction": the refiner begins at the base model."""
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+
+
 class Refiner(nn.Module):
     """smp encoder/decoder over the base probability map; global head + one local head per
-    patch size. Returns {head: foreground logit (B, 1, H, W)} (head 0 = global)."""
+    patch size. Returns {head: foreground logit (B, 1, H, W)} (head 0 = global); with
+    `residual`, each head's output is a correction added to the base's foreground logit."""
 
     def __init__(self, cfg: Config, in_channels: int):
         super().__init__()
@@ -107,11 +115,16 @@ class Refiner(nn.Module):
         self.trunk = build_model(trunk_cfg, in_channels, 1)  # its head is the global head
         width = trunk_cfg.decoder_channels[-1]
         self.local = nn.ModuleDict({str(s): LocalHead(width, s) for s in p.patch_sizes})
+        self.residual = p.residual
+        if self.residual:
+            _zero(next(m for m in self.trunk.segmentation_head if isinstance(m, nn.Conv2d)))
 
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, x: torch.Tensor, base_logit: torch.Tensor) -> dict[int, torch.Tensor]:
         feats = self.trunk.decoder(self.trunk.encoder(x))
         out = {WHOLE_IMAGE: self.trunk.segmentation_head(feats)}
         out.update({int(s): head(feats) for s, head in self.local.items()})
+        if self.residual:  # binarizing a patch at t = shifting its logit by -logit(t)
+            out = {head: base_logit + v for head, v in out.items()}
         return out
 
 
@@ -203,8 +216,13 @@ class Prn(Method):
     # -- stage 2 ------------------------------------------------------------------------------
     def base_probability(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) foreground probability of the frozen base model."""
+        return self.base_logit(images).sigmoid()
+
+    def base_logit(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) foreground logit of the frozen base model (softmax = its sigmoid)."""
         with torch.no_grad():
-            return self.base(images).float().softmax(1)[:, 1:]
+            logits = self.base(images).float()
+            return logits[:, 1:] - logits[:, :1]
 
     @torch.no_grad()
     def _make_labels(self, run: StageRun) -> dict[str, float]:
@@ -272,8 +290,7 @@ class Prn(Method):
             losses = self._binary_losses(self.base(batch.images), batch.masks)
             losses["loss"] = losses.pop("total")
             return losses
-        prob = self.base_probability(batch.images)
-        logits = self.refiner(self._refiner_input(prob, batch.images))
+        logits, prob = self.refiner_logits(batch.images)
         pseudo = {head: self._targets(batch, head) for head in self.heads}
         sums = {"pseudo": 0.0, "gt": 0.0}
         for head, logit in logits.items():
@@ -295,8 +312,12 @@ class Prn(Method):
             out["total"] = out["ce"] + self.params.dice_weight * out["dice"]
         return out
 
-    def _refiner_input(self, prob: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([prob, images], dim=1) if self.params.use_image else prob
+    def refiner_logits(self, images: torch.Tensor):
+        """({head: foreground logit}, base probability) of the refiner on `images`."""
+        base_logit = self.base_logit(images)
+        prob = base_logit.sigmoid()
+        x = torch.cat([prob, images], dim=1) if self.params.use_image else prob
+        return self.refiner(x, base_logit), prob
 
     def _targets(self, batch: Batch, head: int) -> torch.Tensor:
         """The batch's pseudo-labels for one head, padded like the batch; ignored where the
@@ -310,7 +331,7 @@ class Prn(Method):
     # -- inference ------------------------------------------------------------------------
     def refined_probability(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W): the mean of the global and local heads' probabilities."""
-        logits = self.refiner(self._refiner_input(self.base_probability(images), images))
+        logits, _ = self.refiner_logits(images)
         return torch.stack([v.float().sigmoid() for v in logits.values()]).mean(0)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
