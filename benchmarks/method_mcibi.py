@@ -24,15 +24,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
+    parser.add_argument("--tasks", nargs="+", default=["ambiguous", "mri-lobes"])
+    parser.add_argument("--variants", nargs="+", default=["baseline", "mcibi", "mcibi-frozen"])
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     args = parser.parse_args()
     common = ["model.encoder_depth=4", "model.decoder_channels=[64,32,16,16]",
-              f"train.epochs={args.epochs}", "train.batch_size=16", "train.steps_per_epoch=30",
-              f"data.crop_size={args.size}", "logging.image_every=1000"]  # fmt: skip
+              f"train.epochs={args.epochs}", "train.batch_size=16",
+              f"train.steps_per_epoch={args.steps}", f"data.crop_size={args.size}",
+              "logging.image_every=1000", *args.set]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tasks = {}
         data = make_dataset("ambiguous", Path(tmp) / "amb", n=600, size=args.size, seed=0)
-        tasks["ambiguous"] = [*common, f"data.path={Path(tmp) / 'amb'}"]
-        if (MRICRON / "aal.nii.gz").is_file():
+        if "ambiguous" in args.tasks:
+            tasks["ambiguous"] = [*common, f"data.path={Path(tmp) / 'amb'}"]
+        if "mri-lobes" in args.tasks and (MRICRON / "aal.nii.gz").is_file():
             make_mri_lobes(Path(tmp) / "mri", args.size)
             tasks["mri-lobes"] = [*common, f"data.path={Path(tmp) / 'mri'}"]
         variants = {
@@ -40,8 +46,10 @@ def main() -> None:
             "mcibi": ["method.name=mcibi"],
             "mcibi-frozen": ["method.name=mcibi", "method.mcibi.update=false"],
         }
+        variants = {k: v for k, v in variants.items() if k in args.variants}
         rows = compare(tasks, variants, args.seeds, ["miou", "fg_dice"])
-    print(f"\n{data.name}: {data.splits}; seeds {args.seeds}; {args.epochs} epochs x 30 steps\n")
+    print(f"\n{data.name}: {data.splits}; seeds {args.seeds}; {args.epochs} epochs x "
+          f"{args.steps} steps; extra {args.set}\n")  # fmt: skip
     print(table(rows, ["miou", "fg_dice"]))
 
 

@@ -40,13 +40,17 @@ def test_iou(run_dir: Path, split: str = "test") -> dict[str, float]:
     cfg, meta, method, _ = load_run(run_dir, "last")
     patch = min(cfg.method.prn.patch_sizes)
     grid = threshold_grid(cfg.method.prn.thresholds)
-    counts = {k: [0, 0] for k in ("base", "refined", "oracle")}
+    heads = [f"head {h}" for h in method.heads]
+    counts = {k: [0, 0] for k in ("base", "refined", "oracle", *heads)}
     for batch in eval_batches(SegDataset(cfg.data.path, split), cfg.train.val_batch_size):
         valid, fg = batch.masks != meta.ignore_index, batch.masks == 1
         prob = method.base_probability(batch.images)[:, 0]
         oracle, _ = patch_pseudo_labels(prob, fg, valid, patch, grid)
         refined = method.predict(batch.images).argmax(1)
-        for name, pred in (("base", prob >= 0.5), ("refined", refined), ("oracle", oracle)):
+        per_head = [v[:, 0] >= 0 for v in method.refiner_logits(batch.images)[0].values()]
+        preds = [("base", prob >= 0.5), ("refined", refined), ("oracle", oracle),
+                 *zip(heads, per_head, strict=True)]  # fmt: skip
+        for name, pred in preds:
             inter, union = foreground_iou(pred, fg, valid)
             counts[name][0] += inter
             counts[name][1] += union
@@ -65,6 +69,8 @@ def one_seed(common: list[str], seed: int, root: Path) -> dict[str, float]:
                                             "method.prn.pseudo_weight=0",
                                             "method.prn.gt_weight=1"]))  # fmt: skip
     assert abs(gt_only["base"] - full["base"]) < 1e-9, "the GT-only refiner must share the base"
+    heads = "  ".join(f"{k} {v:.4f}" for k, v in full.items() if k.startswith("head"))
+    print(f"  PRN heads alone: {heads} (head 0 = global)", flush=True)
     return {"base": full["base"], "refiner (GT only)": gt_only["refined"], "PRN": full["refined"],
             "oracle": full["oracle"]}  # fmt: skip
 

@@ -85,6 +85,8 @@ class ColabParams:
     distance_weighting: bool = False  # push far-away background toward context 0
     distance_max: int = 16  # pixels from the foreground at which the push is full
     meta_update: bool = True  # False = a frozen random generator (the control)
+    meta_batch: str = "same"  # same | holdout: where the meta (ROI) loss is measured
+    meta_holdout: float = 0.2  # with holdout: share of the training split kept for meta batches
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,7 @@ def validate(cfg: Config) -> None:
     _check_choice("optim.name", cfg.optim.name, ("adamw", "sgd"))
     _check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
     _check_choice("method.mcibi.aggregation", cfg.method.mcibi.aggregation, ("soft", "hard"))
+    _check_choice("method.colab.meta_batch", cfg.method.colab.meta_batch, ("same", "holdout"))
     prn = cfg.method.prn
     checks = [
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
@@ -326,6 +329,10 @@ def validate(cfg: Config) -> None:
         (
             prn.pseudo_weight >= 0 and prn.gt_weight >= 0 and prn.pseudo_weight + prn.gt_weight > 0,
             "method.prn.pseudo_weight and gt_weight must be >= 0 and not both 0",
+        ),
+        (
+            0 < cfg.method.colab.meta_holdout < 1,
+            "method.colab.meta_holdout must be in (0, 1), e.g. 0.2",
         ),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.scaling.workers >= 1, "scaling.workers must be >= 1"),

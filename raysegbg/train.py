@@ -106,7 +106,8 @@ class Trainer:
 
     def stage_run(self) -> StageRun:
         ctx = self.ctx
-        return StageRun(self.stage_ds, ctx.device, ctx.rank, ctx.world_size, ctx.state, ctx.log)
+        return StageRun(self.stage_ds, ctx.device, ctx.rank, ctx.world_size, ctx.state, ctx.log,
+                        self.train_ds)  # fmt: skip
 
     def enter_stage(self, index: int, step0: int | None = None) -> None:
         """Data, optimiser and DDP wrapper of stage `index` (each stage trains its own

@@ -120,3 +120,33 @@ def test_under_ddp_the_generator_stays_identical_on_every_rank(tiny_data, tmp_pa
     pair = run_ranks(two_meta_steps, 2, overrides)
     for a, b in zip(pair[0], pair[1], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_meta_batch_from_a_holdout_the_network_never_trains_on(tiny_data, tmp_path):
+    from pathlib import Path
+
+    from raysegbg.data.loader import in_holdout
+    from raysegbg.train import Trainer, WorkerContext
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides(tiny_data, tmp_path) + TINY[2:] + [
+        "method.colab.update_interval=1", "method.colab.meta_batch=holdout",
+        "method.colab.meta_holdout=0.3"]  # fmt: skip
+
+    def meta_ids(steps: int) -> tuple[list[list[str]], set[str]]:
+        trainer = Trainer(load_config(None, overrides), WorkerContext(run_dir=Path("u")))
+        seen, trained = [], set()
+        for k, batch in enumerate(trainer.loader.epoch(0)):
+            if k == steps:
+                break
+            trained |= set(batch.ids)
+            trainer.train_step(batch)
+            seen.append(list(trainer.method.last_meta_ids))
+        assert not any(in_holdout(i, 0.3) for i in trainer.stage_ds.ids)
+        return seen, trained
+
+    seen, trained = meta_ids(3)
+    held = {i for ids in seen for i in ids}
+    assert held and all(in_holdout(i, 0.3) for i in held) and not held & trained
+    assert len(seen[0]) == 8 and seen[0] != seen[1]  # one global batch per meta-update
+    assert meta_ids(3)[0] == seen  # a function of the step: a resumed run draws the same

@@ -9,6 +9,7 @@ cluster sizes (and testable).
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,15 @@ from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Batch
 
 PAD_MULTIPLE = 32  # smp encoders downsample up to 32x
+
+
+def in_holdout(image_id: str, fraction: float) -> bool:
+    """A fixed, rank-independent split of a split's ids (by a hash of the id)."""
+    return zlib.crc32(image_id.encode()) % 10_000 < fraction * 10_000
+
+
+def not_in_holdout(image_id: str, fraction: float) -> bool:
+    return not in_holdout(image_id, fraction)
 
 
 class SegDataset:
@@ -149,12 +159,21 @@ class TrainLoader:
     world: int = 1
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        per_rank = self.global_batch // self.world
         order = self._order(epoch)
         for step in range(self.steps):
-            first = step * self.global_batch + self.rank * per_rank
-            positions = range(first, first + per_rank)
-            yield self._batch(epoch, [(p, int(order[p % len(order)])) for p in positions])
+            yield self._batch_of(epoch, step, order)
+
+    def batch_at(self, step: int) -> Batch:
+        """This rank's slice of global batch `step` counted from the start (epoch after epoch):
+        stateless, so a resumed run draws the same batches."""
+        epoch, step = divmod(step, self.steps)
+        return self._batch_of(epoch, step, self._order(epoch))
+
+    def _batch_of(self, epoch: int, step: int, order: torch.Tensor) -> Batch:
+        per_rank = self.global_batch // self.world
+        first = step * self.global_batch + self.rank * per_rank
+        positions = range(first, first + per_rank)
+        return self._batch(epoch, [(p, int(order[p % len(order)])) for p in positions])
 
     def _order(self, epoch: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)

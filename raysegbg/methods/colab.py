@@ -7,12 +7,16 @@ their true label); the segmentation network predicts K context channels plus one
 foreground class, trained on those targets. Every `update_interval` steps the generator is
 updated by an exact one-step hypergradient: a virtual SGD step of the segmentation network on
 the generated targets, the foreground (ROI) loss of the stepped network, differentiated back
-through the virtual step to the generator. At inference every context channel is background.
+through the virtual step to the generator. The ROI loss is measured on the same batch
+(`meta_batch=same`) or on a batch of held-out training images (`meta_batch=holdout`: a fixed
+`meta_holdout` share of the training split the segmentation network never trains on). At
+inference every context channel is background.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,7 +25,8 @@ from torch.func import functional_call
 
 from raysegbg import dist
 from raysegbg.config import Config
-from raysegbg.methods.base import Batch, Method, StepInfo
+from raysegbg.data.loader import TrainLoader, in_holdout, not_in_holdout
+from raysegbg.methods.base import Batch, Method, Stage, StageRun, StepInfo
 from raysegbg.methods.losses import soft_dice, upcast
 from raysegbg.models import build_model, local_batch_norm
 
@@ -77,6 +82,8 @@ class Colab(Method):
         )  # fmt: skip
         self.generator = build_model(gen_cfg, in_channels, p.k)
         self._generator_opt: torch.optim.Optimizer | None = None
+        self.meta_loader: TrainLoader | None = None  # meta_batch=holdout: held-out batches
+        self.last_meta_ids: list[str] = []
         self.shown: dict[str, torch.Tensor] = {}
 
     @property
@@ -93,6 +100,22 @@ class Colab(Method):
         return self._generator_opt
 
     # -- what the training loop and DDP see ----------------------------------------------
+    def stages(self) -> list[Stage]:
+        p = self.params
+        if p.meta_batch == "same":
+            return super().stages()
+        rest = partial(not_in_holdout, fraction=p.meta_holdout)
+        return [Stage("train", self.cfg.train.epochs, keep=rest)]
+
+    def enter_stage(self, stage: Stage, run: StageRun) -> None:
+        if self.params.meta_batch != "holdout":
+            return
+        held = run.train_dataset.subset(partial(in_holdout, fraction=self.params.meta_holdout))
+        cfg = self.cfg
+        steps = max(1, len(held) // cfg.train.batch_size)
+        self.meta_loader = TrainLoader(held, cfg.data, cfg.train.batch_size, steps,
+                                       cfg.train.seed + 1, run.rank, run.world_size)  # fmt: skip
+
     def ddp_ignored_modules(self) -> list[str]:
         return ["generator"]  # trained by the meta-gradient, averaged over ranks by hand
 
@@ -129,7 +152,12 @@ class Colab(Method):
         """The meta-update of the generator, every `update_interval` steps."""
         if not self.params.meta_update or info.step % self.params.update_interval:
             return {}
-        meta_loss, grads = self.hypergradient(batch.images, batch.masks, batch.images, batch.masks)
+        meta_images, meta_masks = batch.images, batch.masks
+        if self.meta_loader is not None:  # the n-th meta-update reads the n-th held-out batch
+            meta = self.meta_loader.batch_at(info.step // self.params.update_interval)
+            meta_images, meta_masks = meta.images.to(batch.images), meta.masks.to(batch.masks)
+            self.last_meta_ids = meta.ids
+        meta_loss, grads = self.hypergradient(batch.images, batch.masks, meta_images, meta_masks)
         for param, grad in zip(self.generator_params, grads, strict=True):
             param.grad = dist.all_reduce_sum(grad.detach().clone()) / dist.world_size()
         self.generator_opt.step()

@@ -16,7 +16,6 @@ stages, run in order by the one entry point and each checkpointed:
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from functools import partial
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch import nn
 from raysegbg import dist, storage
 from raysegbg.checkpoint import load_state, pick_checkpoint
 from raysegbg.config import Config
+from raysegbg.data.loader import eval_batches, in_holdout, not_in_holdout
 from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Batch, Method, Stage, StageRun, StepInfo
 from raysegbg.methods.losses import cross_entropy, soft_dice
@@ -40,15 +40,6 @@ from raysegbg.models import build_model
 from raysegbg.tb import colorize, image_to_uint8
 
 LABEL_CHUNK = 256  # images per call to the store
-
-
-def in_holdout(image_id: str, fraction: float) -> bool:
-    """A fixed, rank-independent split of the training ids (by a hash of the id)."""
-    return zlib.crc32(image_id.encode()) % 10_000 < fraction * 10_000
-
-
-def not_in_holdout(image_id: str, fraction: float) -> bool:
-    return not in_holdout(image_id, fraction)
 
 
 def label_key(image_id: str, head: int) -> str:
@@ -227,8 +218,6 @@ class Prn(Method):
     @torch.no_grad()
     def _make_labels(self, run: StageRun) -> dict[str, float]:
         """Every rank labels its share of the held-out images; rank 0 stores them all."""
-        from raysegbg.data.loader import eval_batches
-
         self.eval()
         grid = threshold_grid(self.params.thresholds, run.device)
         counts = torch.zeros(len(self.heads) + 1, 2, dtype=torch.float64)  # base@0.5, heads
