@@ -53,8 +53,10 @@ def main() -> None:
             "method.colab.meta_update=false",
         ]
         rows = compare(tasks, variants, args.seeds, METRICS)
-    print(f"\nseeds {args.seeds}; {args.epochs} epochs x {args.steps} steps; built-in set "
-          f"{args.n} images; extra {args.set}; test split\n")
+    print(
+        f"\nseeds {args.seeds}; {args.epochs} epochs x {args.steps} steps; built-in set "
+        f"{args.n} images; extra {args.set}; test split\n"
+    )
     print(table(rows, METRICS))
 
 
