@@ -150,3 +150,20 @@ def test_meta_batch_from_a_holdout_the_network_never_trains_on(tiny_data, tmp_pa
     assert held and all(in_holdout(i, 0.3) for i in held) and not held & trained
     assert len(seen[0]) == 8 and seen[0] != seen[1]  # one global batch per meta-update
     assert meta_ids(3)[0] == seen  # a function of the step: a resumed run draws the same
+
+
+def test_the_generator_optimiser_state_is_checkpointed():
+    batch = Batch(torch.randn(2, 3, 32, 32), (torch.rand(2, 32, 32) > 0.7).long(), ["a", "b"])
+    first = make().train()
+    first.before_step(batch, StepInfo(0, 0, 1.0))
+    saved = first.state_dict()
+    second = make().train()
+    second.load_state_dict(saved)
+    for a, b in zip(first.generator_params, second.generator_params, strict=True):
+        assert torch.equal(a, b) and torch.equal(
+            first.generator_opt.state[a]["exp_avg_sq"], second.generator_opt.state[b]["exp_avg_sq"]
+        )
+    for method in (first, second):  # the next Adam step is the same
+        method.before_step(batch, StepInfo(4, 0, 1.0))
+    for a, b in zip(first.generator_params, second.generator_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

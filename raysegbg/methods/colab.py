@@ -15,6 +15,7 @@ inference every context channel is background.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from functools import partial
 
@@ -98,6 +99,15 @@ class Colab(Method):
                 self.generator_params, lr=self.params.generator_lr
             )
         return self._generator_opt
+
+    def get_extra_state(self) -> dict:
+        """The generator's Adam state travels with the weights (checkpoints, resume)."""
+        opt = self._generator_opt  # a copy: Adam's state_dict hands out its live tensors
+        return {"generator_opt": copy.deepcopy(opt.state_dict()) if opt else {}}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("generator_opt"):
+            self.generator_opt.load_state_dict(state["generator_opt"])
 
     # -- what the training loop and DDP see ----------------------------------------------
     def stages(self) -> list[Stage]:
