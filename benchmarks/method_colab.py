@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--held-k", type=int, nargs="*", default=[],
+                        help="also colab with these K and the meta batch from a holdout")  # fmt: skip
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--n", type=int, default=600, help="images in the built-in set")
     parser.add_argument("--tasks", nargs="+", default=["hetero_bg", "mri-brain"])
@@ -47,6 +49,9 @@ def main() -> None:
         variants = {"baseline": ["method.name=baseline"]}
         for k in args.k:
             variants[f"colab K={k}"] = ["method.name=colab", f"method.colab.k={k}"]
+        for k in args.held_k:
+            variants[f"colab K={k} held"] = ["method.name=colab", f"method.colab.k={k}",
+                                             "method.colab.meta_batch=holdout"]  # fmt: skip
         variants["frozen gen K=3"] = [
             "method.name=colab",
             "method.colab.k=3",
