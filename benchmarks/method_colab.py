@@ -27,8 +27,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--held-k", type=int, nargs="*", default=[],
-                        help="also colab with these K and the meta batch from a holdout")  # fmt: skip
+    held = "also colab with these K and the meta batch from a holdout"
+    parser.add_argument("--held-k", type=int, nargs="*", default=[], help=held)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--n", type=int, default=600, help="images in the built-in set")
     parser.add_argument("--tasks", nargs="+", default=["hetero_bg", "mri-brain"])
