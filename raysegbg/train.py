@@ -11,7 +11,7 @@ import itertools
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raysegbg import dist
 from raysegbg.checkpoint import checkpoint_name, save_checkpoint, save_shared
-from raysegbg.config import Config, OptimConfig, to_dict
+from raysegbg.config import Config, to_dict
 from raysegbg.data.loader import SegDataset, TrainLoader, eval_batches, steps_per_epoch
 from raysegbg.methods import method_class
 from raysegbg.methods.base import Batch, Method, StageRun, StepInfo
 from raysegbg.metrics import confusion, summarize
 from raysegbg.models import convert_global_bn
+from raysegbg.optim import lr_scale, make_optimizer
 from raysegbg.tb import RunWriter, flat_hparams, triptych_grid
 
 LOG_EVERY = 10  # steps between per-step TensorBoard points
@@ -48,27 +49,6 @@ class WorkerContext:
 
 def build_method(cfg: Config, num_classes: int, channels: int, ignore_index: int) -> Method:
     return method_class(cfg.method.name)(cfg, num_classes, channels, ignore_index)
-
-
-def make_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]):
-    params = [p for p in params if p.requires_grad]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_scale(cfg: OptimConfig, step: int, total: int) -> float:
-    """Multiplier of the base learning rate at `step` (linear warm-up, then the schedule)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "poly":
-        return (1 - progress) ** 0.9
-    return 1.0
 
 
 class Trainer:
