@@ -107,6 +107,7 @@ class PrnParams:
     dice_weight: float = 0.5  # soft Dice next to cross entropy in both
     use_image: bool = False  # give the refiner the image next to the base probability
     residual: bool = True  # heads correct the base logit (and start as the base), else replace
+    inference: str = "best"  # best: the head (or mean of heads) best on validation | mean
     refiner_encoder: str = "resnet18"
     refiner_depth: int = 3
 
@@ -318,6 +319,7 @@ def validate(cfg: Config) -> None:
     _check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
     _check_choice("method.mcibi.aggregation", cfg.method.mcibi.aggregation, ("soft", "hard"))
     _check_choice("method.colab.meta_batch", cfg.method.colab.meta_batch, ("same", "holdout"))
+    _check_choice("method.prn.inference", cfg.method.prn.inference, ("best", "mean"))
     prn = cfg.method.prn
     checks = [
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),

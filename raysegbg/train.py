@@ -178,6 +178,12 @@ class Trainer:
         out["perf/epoch_s"] = seconds
         return out
 
+    def val_batches(self):
+        """This rank's share of the validation split, on the device."""
+        cfg, ctx = self.cfg, self.ctx
+        for batch in eval_batches(self.val_ds, cfg.train.val_batch_size, ctx.rank, ctx.world_size):
+            yield _to_device(batch, ctx.device)
+
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], Any]:
         """Validation metrics from the confusion matrix summed over ranks, plus rank 0's
@@ -186,10 +192,7 @@ class Trainer:
         n = self.meta.num_classes
         cm = torch.zeros(n, n, dtype=torch.long)
         shown: list[tuple] = []
-        for batch in eval_batches(
-            self.val_ds, self.cfg.train.val_batch_size, self.ctx.rank, self.ctx.world_size
-        ):
-            batch = _to_device(batch, self.ctx.device)
+        for batch in self.val_batches():
             with torch.autocast(self.ctx.device.type, self.amp_dtype, enabled=bool(self.amp_dtype)):
                 pred = self.method.predict(batch.images).argmax(1)
             cm += confusion(pred, batch.masks, n, self.meta.ignore_index).cpu()
@@ -280,6 +283,8 @@ def _already_done(trainer: Trainer) -> dict[str, float]:
 def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
     cfg, ctx, epoch = trainer.cfg, trainer.ctx, trainer.epoch
     metrics = trainer.train_epoch(writer) if trainer.stage.epochs else trainer.one_shot()
+    if trainer.stage.epochs:
+        metrics.update(trainer.method.after_epoch(trainer.val_batches))
     val, shown = trainer.evaluate()
     metrics.update(val)
     score = metrics.get(cfg.logging.score, float("nan"))

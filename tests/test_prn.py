@@ -11,6 +11,7 @@ from raysegbg.checkpoint import list_checkpoints, load_state
 from raysegbg.config import load_config
 from raysegbg.errors import RaysegbgError
 from raysegbg.local import train_local
+from raysegbg.methods.base import Batch
 from raysegbg.methods.patch_thresholds import WHOLE_IMAGE, patch_pseudo_labels, threshold_grid
 from raysegbg.methods.prn import Prn, in_holdout, label_key
 from raysegbg.state.store import PseudoLabelStore
@@ -54,6 +55,13 @@ def test_three_stages_in_order_with_labels_in_the_store(contrast_data, tmp_path)
     refiner = [k for k in states[-1]["method"] if k.startswith("refiner.") and "weight" in k]
     assert any(not torch.equal(states[2]["method"][k], states[-1]["method"][k]) for k in refiner)
     assert "pseudo/oracle_iou_p8" in found[2][1]["metrics"]
+    # after each refine epoch the head best on validation is chosen, and kept in the checkpoint
+    chosen = found[-1][1]["metrics"]["refine/chosen_head"]
+    assert chosen in (-1, 0, 8, 16) and "refine/val_iou_p16" in found[-1][1]["metrics"]
+    assert states[-1]["method"]["_extra_state"]["inference_head"] == (
+        None if chosen < 0 else chosen
+    )
+    assert "refine/chosen_head" not in found[0][1]["metrics"]  # not in the base stage
 
     # the store (persisted and in the checkpoint) holds every held-out image, every head
     store = PseudoLabelStore.load(run / "state" / "latest")
@@ -203,3 +211,32 @@ def test_two_workers_make_the_labels_and_refiner_of_one(contrast_data, tmp_path)
     for key, value in single["method"].items():
         if key.startswith("refiner.") and value.is_floating_point():
             torch.testing.assert_close(pair[0]["method"][key], value, atol=1e-4, rtol=1e-3)
+
+
+def test_validation_picks_the_best_head_and_mean_mode_keeps_averaging(monkeypatch):
+    torch.manual_seed(0)
+    masks = (torch.rand(2, 32, 32) > 0.6).long()
+    images = torch.randn(2, 1, 32, 32)
+    truth = masks[:, None].float() * 20 - 10  # logit +10 on the foreground, -10 elsewhere
+
+    def fake_logits(_images):  # head 8 is right, the global head wrong, head 16 undecided
+        return {0: -truth, 8: truth, 16: torch.zeros_like(truth)}, truth.sigmoid()
+
+    batches = lambda: iter([Batch(images, masks, ["a", "b"])])  # noqa: E731
+    for mode, expected in (("best", 8), ("mean", None)):
+        cfg = load_config(None, ["method.name=prn", "model.encoder_depth=3",
+                                 "model.decoder_channels=[16,8,8]",
+                                 f"method.prn.inference={mode}"])  # fmt: skip
+        method = Prn(cfg, 2, 1, 255).train()
+        method.stage_name = "refine"
+        monkeypatch.setattr(method, "refiner_logits", fake_logits)
+        out = method.after_epoch(batches)
+        assert method.inference_head == expected
+        if mode == "best":
+            assert out["refine/chosen_head"] == 8 and out["refine/val_iou_p8"] == 1.0
+            assert out["refine/val_iou_image"] == 0.0 and method.training
+            assert torch.equal(method.predict(images).argmax(1), masks)
+        else:
+            assert out == {}
+    method.stage_name = "base"  # nothing is chosen outside the refine stage
+    assert method.after_epoch(batches) == {}

@@ -109,6 +109,11 @@ class Method(nn.Module):
         returns scalars to log. Every rank calls it at the same steps."""
         return {}
 
+    def after_epoch(self, val_batches: Callable[[], Any]) -> dict[str, float]:
+        """Runs on every rank after each training epoch, before validation; `val_batches()`
+        yields this rank's validation batches (on the device). Returns scalars to report."""
+        return {}
+
     def tb_histograms(self) -> dict:
         """Method-specific histograms for TensorBoard (tag -> 1-D array), once per epoch."""
         return {}

@@ -10,7 +10,9 @@ stages, run in order by the one entry point and each checkpointed:
 3. `refine`: a small refiner reads the base probability map (optionally the image) through an
    smp encoder/decoder into a global head and one local head per patch size (a decoder shared
    by every patch, blind across patch borders); each head learns its pseudo-labels
-   (`pseudo_weight`) and the ground truth (`gt_weight`). Inference averages the heads.
+   (`pseudo_weight`) and the ground truth (`gt_weight`). Inference uses the head, or the mean
+   of all heads, that is best on the validation split (re-chosen after every refine epoch;
+   `inference=mean` always averages).
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class Prn(Method):
         # parameters the forward pass reaches (build_model froze the others for DDP)
         self.trainable = {n for n, q in self.named_parameters() if q.requires_grad}
         self.stage_name = "base"
+        self.inference_head: int | None = None  # None: the mean of every head
         self.labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (label, thresholds)
         self.shown: dict[str, torch.Tensor] = {}
 
@@ -176,11 +179,13 @@ class Prn(Method):
             self.base.eval()  # frozen after stage 1: its BatchNorm statistics stay fixed
         return self
 
-    def get_extra_state(self) -> dict[str, str]:
-        return {"stage": self.stage_name}  # a checkpoint predicts the way its stage did
+    def get_extra_state(self) -> dict:
+        # a checkpoint predicts the way its stage (and its chosen head) did
+        return {"stage": self.stage_name, "inference_head": self.inference_head}
 
-    def set_extra_state(self, state: dict[str, str]) -> None:
+    def set_extra_state(self, state: dict) -> None:
         self.stage_name = state["stage"]
+        self.inference_head = state.get("inference_head")
 
     # -- stage 1 ------------------------------------------------------------------------------
     def _load_base(self, path: str) -> dict[str, float]:
@@ -318,10 +323,43 @@ class Prn(Method):
         return torch.where(batch.masks == self.ignore_index, batch.masks, out)
 
     # -- inference ------------------------------------------------------------------------
-    def refined_probability(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W): the mean of the global and local heads' probabilities."""
-        logits, _ = self.refiner_logits(images)
+    @staticmethod
+    def combine(logits: dict[int, torch.Tensor], head: int | None) -> torch.Tensor:
+        """(B, 1, H, W) probability of one head, or the mean over heads when `head` is None."""
+        if head is not None:
+            return logits[head].float().sigmoid()
         return torch.stack([v.float().sigmoid() for v in logits.values()]).mean(0)
+
+    def refined_probability(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W): the chosen head's probability (by default the mean of the heads)."""
+        logits, _ = self.refiner_logits(images)
+        return self.combine(logits, self.inference_head)
+
+    @torch.no_grad()
+    def after_epoch(self, val_batches) -> dict[str, float]:
+        """After each refine epoch (`inference=best`): validation IoU of every head and of
+        their mean, summed over ranks; the best one predicts from now on (ties: the mean)."""
+        if self.stage_name != "refine" or self.params.inference != "best":
+            return {}
+        was_training = self.training
+        self.eval()
+        choices: list[int | None] = [None, *self.heads]
+        counts = torch.zeros(len(choices), 2, dtype=torch.float64)
+        for batch in val_batches():
+            logits, _ = self.refiner_logits(batch.images)
+            valid, fg = batch.masks != self.ignore_index, batch.masks == 1
+            for k, head in enumerate(choices):
+                pred = self.combine(logits, head)[:, 0] >= 0.5
+                counts[k] += torch.tensor(foreground_iou(pred, fg, valid))
+        dist.all_reduce_sum(counts)
+        iou = (counts[:, 0] / counts[:, 1].clamp_min(1)).tolist()
+        best = max(range(len(choices)), key=lambda k: (iou[k], -k))
+        self.inference_head = choices[best]
+        self.train(was_training)
+        names = ["mean", *(label_key("", h)[1:] for h in self.heads)]
+        out = {f"refine/val_iou_{name}": value for name, value in zip(names, iou, strict=True)}
+        out["refine/chosen_head"] = -1.0 if choices[best] is None else float(choices[best])
+        return out
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         if self.stage_name != "refine":
@@ -337,7 +375,7 @@ class Prn(Method):
         for j, image_id in enumerate(batch.ids[:n]):
             t = torch.tensor(self.labels[label_key(image_id, head)][1])
             thresholds[j, : t.shape[0], : t.shape[1]] = t
-        refined = torch.stack([v.detach().float().sigmoid() for v in logits.values()]).mean(0)
+        refined = self.combine({k: v.detach() for k, v in logits.items()}, self.inference_head)
         self.shown = {
             "image": batch.images[:n].detach(), "base": prob[:n, 0].detach(),
             "thresholds": thresholds, "pseudo": pseudo[head][:n], "refined": refined[:n, 0],
