@@ -107,7 +107,7 @@ class PrnParams:
     dice_weight: float = 0.5  # soft Dice next to cross entropy in both
     use_image: bool = False  # give the refiner the image next to the base probability
     residual: bool = True  # heads correct the base logit (and start as the base), else replace
-    inference: str = "best"  # best: the head (or mean of heads) best on validation | mean
+    inference: str = "mean"  # mean of the heads | best: the head (or mean) best on validation
     refiner_encoder: str = "resnet18"
     refiner_depth: int = 3
 

@@ -10,9 +10,9 @@ stages, run in order by the one entry point and each checkpointed:
 3. `refine`: a small refiner reads the base probability map (optionally the image) through an
    smp encoder/decoder into a global head and one local head per patch size (a decoder shared
    by every patch, blind across patch borders); each head learns its pseudo-labels
-   (`pseudo_weight`) and the ground truth (`gt_weight`). Inference uses the head, or the mean
-   of all heads, that is best on the validation split (re-chosen after every refine epoch;
-   `inference=mean` always averages).
+   (`pseudo_weight`) and the ground truth (`gt_weight`). Inference averages the heads
+   (`inference=mean`), or uses the head, or the mean, that is best on the validation split
+   (`inference=best`, re-chosen after every refine epoch).
 """
 
 from __future__ import annotations
@@ -337,9 +337,9 @@ class Prn(Method):
 
     @torch.no_grad()
     def after_epoch(self, val_batches) -> dict[str, float]:
-        """After each refine epoch (`inference=best`): validation IoU of every head and of
-        their mean, summed over ranks; the best one predicts from now on (ties: the mean)."""
-        if self.stage_name != "refine" or self.params.inference != "best":
+        """After each refine epoch: validation IoU of every head and of their mean, summed over
+        ranks; with `inference=best` the best one predicts from now on (ties: the mean)."""
+        if self.stage_name != "refine":
             return {}
         was_training = self.training
         self.eval()
@@ -353,12 +353,13 @@ class Prn(Method):
                 counts[k] += torch.tensor(foreground_iou(pred, fg, valid))
         dist.all_reduce_sum(counts)
         iou = (counts[:, 0] / counts[:, 1].clamp_min(1)).tolist()
-        best = max(range(len(choices)), key=lambda k: (iou[k], -k))
-        self.inference_head = choices[best]
+        if self.params.inference == "best":
+            self.inference_head = choices[max(range(len(choices)), key=lambda k: (iou[k], -k))]
         self.train(was_training)
         names = ["mean", *(label_key("", h)[1:] for h in self.heads)]
         out = {f"refine/val_iou_{name}": value for name, value in zip(names, iou, strict=True)}
-        out["refine/chosen_head"] = -1.0 if choices[best] is None else float(choices[best])
+        head = self.inference_head
+        out["refine/chosen_head"] = -1.0 if head is None else float(head)
         return out
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
