@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--n", type=int, default=600, help="images in the synthetic set")
+    parser.add_argument("--tasks", nargs="+", default=["contrast", "mri-brain"])
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     args = parser.parse_args()
     common = ["method.name=prn", "model.encoder_depth=4", "model.decoder_channels=[64,32,16,16]",
@@ -91,12 +92,12 @@ def main() -> None:
               f"data.crop_size={args.size}", "logging.image_every=1000", *args.set]  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = {"contrast": make_dataset("varying_contrast", Path(tmp) / "vc", n=args.n,
-                                          size=args.size, seed=0).name}  # fmt: skip
-        paths = {"contrast": Path(tmp) / "vc"}
-        if (MRICRON / "ch2bet.nii.gz").is_file():
+        paths = {}
+        if "contrast" in args.tasks:
+            make_dataset("varying_contrast", Path(tmp) / "vc", n=args.n, size=args.size, seed=0)
+            paths["contrast"] = Path(tmp) / "vc"
+        if "mri-brain" in args.tasks and (MRICRON / "ch2bet.nii.gz").is_file():
             paths["mri-brain"] = make_mri_brain(Path(tmp) / "brain", args.size)
-            tasks["mri-brain"] = "ch2_brain"
         for task, path in paths.items():
             values: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for seed in args.seeds:
