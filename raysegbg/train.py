@@ -307,8 +307,9 @@ def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
 
 
 def _report(trainer: Trainer, metrics: dict[str, float]) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint of this epoch."""
-    name = checkpoint_name(trainer.epoch)
+    """Every rank reports; rank 0 attaches the checkpoint of this epoch (named by its 1-based
+    number, as the progress line shows it)."""
+    name = checkpoint_name(trainer.epoch + 1)
     if trainer.ctx.rank != 0:
         trainer.ctx.report(metrics, None, name)
         return

@@ -47,6 +47,7 @@ def test_three_stages_in_order_with_labels_in_the_store(contrast_data, tmp_path)
     train_local(cfg, run, log=lambda line: None)
     found = list_checkpoints(run)
     assert [m["epoch"] for _, m in found] == [1, 2, 3, 4, 5]  # base 2, labels 1, refine 2
+    assert [folder.name for folder, _ in found] == [f"epoch_{e:04d}" for e in range(1, 6)]
     states = [load_state(folder) for folder, _ in found]
     assert [s["stage"] for s in states] == [0, 0, 1, 2, 2]
     # stage 3 trains the refiner only: the base is the one stage 1 ended with
