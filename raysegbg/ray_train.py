@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from raysegbg import storage
@@ -22,6 +22,9 @@ from raysegbg.errors import RaysegbgError
 from raysegbg.methods import method_class
 from raysegbg.state import actor as state_actor
 from raysegbg.storage import Location
+
+if TYPE_CHECKING:
+    from raysegbg.data.format import DatasetMeta
 
 
 @dataclass
@@ -49,10 +52,10 @@ def _absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def preflight(cfg: Config, address: str | None) -> None:
-    """Everything that can be checked without Ray, so bad input fails in a second."""
+def preflight(cfg: Config, address: str | None) -> DatasetMeta:
+    """Everything that can be checked without Ray, so bad input fails in a second; returns
+    the dataset's metadata."""
     from raysegbg.data.format import read_meta, read_split
-    from raysegbg.methods import method_class
     from raysegbg.models import check_model_config
 
     check_model_config(cfg.model)
@@ -64,6 +67,7 @@ def preflight(cfg: Config, address: str | None) -> None:
         read_split(cfg.data.path, split, columns=["id"])
     if address:
         check_address(address)
+    return meta
 
 
 def check_address(address: str, timeout: float = 3.0) -> None:

@@ -137,13 +137,11 @@ def _check_options(opts: SearchOptions) -> None:
 
 def _preflight(cfg: Config, space: SearchSpace, address: str | None) -> None:
     """The run preflight on the base config, plus every model the space can build."""
-    from raysegbg.data.format import read_meta
     from raysegbg.methods import method_class
     from raysegbg.models import check_model_config
     from raysegbg.search_space import probe_configs
 
-    preflight(cfg, address)
-    num_classes = read_meta(cfg.data.path).num_classes
+    num_classes = preflight(cfg, address).num_classes
     for _, _, probe in probe_configs(space, cfg):
         check_model_config(probe.model)
         try:

@@ -135,13 +135,23 @@ def test_meta_batch_from_a_holdout_the_network_never_trains_on(tiny_data, tmp_pa
 
     def meta_ids(steps: int) -> tuple[list[list[str]], set[str]]:
         trainer = Trainer(load_config(None, overrides), WorkerContext(run_dir=Path("u")))
+        method, passed = trainer.method, []
+        hypergradient = method.hypergradient
+
+        def spy(images, masks, meta_images, meta_masks):  # what the meta-step measures on
+            passed.append(meta_images)
+            return hypergradient(images, masks, meta_images, meta_masks)
+
+        method.hypergradient = spy
         seen, trained = [], set()
         for k, batch in enumerate(trainer.loader.epoch(0)):
             if k == steps:
                 break
             trained |= set(batch.ids)
             trainer.train_step(batch)
-            seen.append(list(trainer.method.last_meta_ids))
+            meta = method.meta_loader.batch_at(k)  # update_interval=1: update k reads batch k
+            assert torch.equal(passed[k], meta.images)
+            seen.append(meta.ids)
         assert not any(in_holdout(i, 0.3) for i in trainer.stage_ds.ids)
         return seen, trained
 

@@ -53,7 +53,7 @@ class StageRun:
     world_size: int
     state: Any  # the shared-state client on rank 0, else None
     log: Callable[[str], None]
-    train_dataset: Any = None  # the whole training split (SegDataset)
+    train_dataset: Any  # the whole training split (SegDataset)
 
 
 class Method(nn.Module):

@@ -84,7 +84,6 @@ class Colab(Method):
         self.generator = build_model(gen_cfg, in_channels, p.k)
         self._generator_opt: torch.optim.Optimizer | None = None
         self.meta_loader: TrainLoader | None = None  # meta_batch=holdout: held-out batches
-        self.last_meta_ids: list[str] = []
         self.shown: dict[str, torch.Tensor] = {}
 
     @property
@@ -166,7 +165,6 @@ class Colab(Method):
         if self.meta_loader is not None:  # the n-th meta-update reads the n-th held-out batch
             meta = self.meta_loader.batch_at(info.step // self.params.update_interval)
             meta_images, meta_masks = meta.images.to(batch.images), meta.masks.to(batch.masks)
-            self.last_meta_ids = meta.ids
         meta_loss, grads = self.hypergradient(batch.images, batch.masks, meta_images, meta_masks)
         for param, grad in zip(self.generator_params, grads, strict=True):
             param.grad = dist.all_reduce_sum(grad.detach().clone()) / dist.world_size()
