@@ -36,7 +36,7 @@ def load_run(
             f"{run_dir} is not a raysegbg run folder (no config.yaml): pass the folder printed "
             "by `raysegbg train`"
         )
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     ckpt = pick_checkpoint(run_dir, which, cfg.logging.score)
     meta = read_meta(cfg.data.path)
     method = build_method(cfg, meta.num_classes, meta.channels, meta.ignore_index)
@@ -44,7 +44,8 @@ def load_run(
     return cfg, meta, method.eval(), ckpt
 
 
-def _run_config(run_dir: Location) -> Config:
+def run_config(run_dir: Location) -> Config:
+    """The config a run was trained with (its config.yaml, local or in an object store)."""
     if not storage.is_uri(run_dir):
         return load_config(Path(run_dir) / "config.yaml")
     with tempfile.TemporaryDirectory(prefix="raysegbg-run-") as tmp:

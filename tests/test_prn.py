@@ -241,3 +241,25 @@ def test_validation_picks_the_best_head_and_mean_mode_keeps_averaging(monkeypatc
             assert out["refine/chosen_head"] == -1 and out["refine/val_iou_p8"] == 1.0
     method.stage_name = "base"  # nothing is chosen outside the refine stage
     assert method.after_epoch(batches) == {}
+
+
+def test_base_from_a_baseline_run_is_its_best_checkpoint_whatever_its_name(tmp_path):
+    from raysegbg.checkpoint import save_checkpoint
+    from raysegbg.config import save_config
+    from raysegbg.methods.baseline import Baseline
+
+    tiny = ["model.encoder_depth=3", "model.decoder_channels=[16,8,8]"]
+    baseline_cfg = load_config(None, [*tiny, "logging.name=prn-base"])  # a misleading name
+    run = tmp_path / "prn-base"
+    run.mkdir()
+    save_config(baseline_cfg, run / "config.yaml")
+    nets = []
+    for epoch, miou in ((1, 0.9), (2, 0.5)):  # the best is the first, not the last
+        torch.manual_seed(epoch)
+        nets.append(Baseline(baseline_cfg, 2, 1, 255))
+        meta = {"epoch": epoch, "metrics": {"val/miou": miou}}
+        save_checkpoint(run / f"epoch_{epoch:04d}", {"method": nets[-1].state_dict()}, meta)
+    method = Prn(load_config(None, [*tiny, "method.name=prn"]), 2, 1, 255)
+    method._load_base(str(run))
+    best = nets[0].state_dict()
+    assert all(torch.equal(v, best["net." + k]) for k, v in method.base.state_dict().items())

@@ -190,11 +190,12 @@ class Prn(Method):
     # -- stage 1 ------------------------------------------------------------------------------
     def _load_base(self, path: str) -> dict[str, float]:
         """Base weights from a run or checkpoint folder (a local path or an object-store URI)."""
+        from raysegbg.inference import run_config
+
         folder = storage.location(path)
-        config = storage.join(folder, "config.yaml")
-        if storage.is_file(config):  # a run folder
+        if storage.is_file(storage.join(folder, "config.yaml")):  # a run folder
             # a prn run's final base is in its last checkpoint; a baseline's best is its best
-            prn = "name: prn" in storage.read_text(config)
+            prn = run_config(folder).method.name == "prn"
             folder = pick_checkpoint(folder, "last" if prn else "best", self.cfg.logging.score)
         state = load_state(folder)["method"]
         prefixes = ("base.", "net.")  # a prn or a baseline run
