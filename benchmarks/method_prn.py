@@ -4,7 +4,8 @@ Per task and seed: one full prn run (base, pseudo-labels, refiner), then a refin
 the ground truth only (pseudo_weight 0) on top of the *same* base (loaded from the first run).
 Test-split foreground IoU (×100), mean ± std over seeds:
 - base: the base model at threshold 0.5;
-- refiner (GT only) / PRN: the refined prediction;
+- refiner (GT only) / PRN: the refined prediction (the GT-only refiner has no pseudo-label
+  loss and no threshold heads, whose loss is built from the patch optima);
 - oracle: the base probabilities binarized at each patch's optimal threshold, found with the
   test ground truth (the upper bound PRN's pseudo-labels aim at), smallest patch size.
 Tasks: the built-in `varying_contrast` set and, when mricron-data is installed, the MRI brain
@@ -30,6 +31,7 @@ from raysegbg.data.synthetic import make_dataset
 from raysegbg.inference import load_run
 from raysegbg.local import train_local
 from raysegbg.methods.patch_thresholds import foreground_iou, patch_pseudo_labels, threshold_grid
+from raysegbg.methods.prn import head_name
 
 VARIANTS = ["base", "refiner (GT only)", "PRN", "oracle"]
 
@@ -40,7 +42,7 @@ def test_iou(run_dir: Path, split: str = "test") -> dict[str, float]:
     cfg, meta, method, _ = load_run(run_dir, "last")
     patch = min(cfg.method.prn.patch_sizes)
     grid = threshold_grid(cfg.method.prn.thresholds)
-    heads = [f"head {h}" for h in method.heads]
+    heads = [f"head {head_name(h)}" for h in method.all_heads]
     counts = {k: [0, 0] for k in ("base", "refined", "oracle", *heads)}
     for batch in eval_batches(SegDataset(cfg.data.path, split), cfg.train.val_batch_size):
         valid, fg = batch.masks != meta.ignore_index, batch.masks == 1
@@ -67,10 +69,11 @@ def one_seed(common: list[str], seed: int, root: Path) -> dict[str, float]:
     full = test_iou(train(f"prn-{seed}", []))
     gt_only = test_iou(train(f"gt-{seed}", [f"method.prn.base_checkpoint={root / f'prn-{seed}'}",
                                             "method.prn.pseudo_weight=0",
-                                            "method.prn.gt_weight=1"]))  # fmt: skip
+                                            "method.prn.gt_weight=1",
+                                            "method.prn.threshold_heads=false"]))  # fmt: skip
     assert abs(gt_only["base"] - full["base"]) < 1e-9, "the GT-only refiner must share the base"
     heads = "  ".join(f"{k} {v:.4f}" for k, v in full.items() if k.startswith("head"))
-    print(f"  PRN heads alone: {heads} (head 0 = global)", flush=True)
+    print(f"  PRN heads alone: {heads}", flush=True)
     return {"base": full["base"], "refiner (GT only)": gt_only["refined"], "PRN": full["refined"],
             "oracle": full["oracle"]}  # fmt: skip
 

@@ -107,6 +107,8 @@ class PrnParams:
     dice_weight: float = 0.5  # soft Dice next to cross entropy in both
     use_image: bool = False  # give the refiner the image next to the base probability
     residual: bool = True  # heads correct the base logit (and start as the base), else replace
+    threshold_heads: bool = False  # also predict each patch's threshold (head t<p>)
+    threshold_weight: float = 1.0  # loss on the threshold heads' expected patch IoU
     inference: str = "mean"  # mean of the heads | best: the head (or mean) best on validation
     refiner_encoder: str = "resnet18"
     refiner_depth: int = 3
@@ -326,6 +328,7 @@ def validate(cfg: Config) -> None:
         (bool(prn.patch_sizes), "method.prn.patch_sizes needs at least one size, e.g. [8,16]"),
         (all(p >= 2 for p in prn.patch_sizes), "method.prn.patch_sizes must all be >= 2"),
         (0 <= prn.holdout < 1, "method.prn.holdout must be in [0, 1), e.g. 0.5"),
+        (prn.threshold_weight >= 0, "method.prn.threshold_weight must be >= 0"),
         (prn.thresholds >= 2, "method.prn.thresholds must be >= 2 (20 gives 0.05 ... 1.0)"),
         (prn.base_epochs >= 1, "method.prn.base_epochs must be >= 1"),
         (

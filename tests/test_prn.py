@@ -12,7 +12,11 @@ from raysegbg.config import load_config
 from raysegbg.errors import RaysegbgError
 from raysegbg.local import train_local
 from raysegbg.methods.base import Batch
-from raysegbg.methods.patch_thresholds import WHOLE_IMAGE, patch_pseudo_labels, threshold_grid
+from raysegbg.methods.patch_thresholds import (
+    patch_iou_table,
+    patch_pseudo_labels,
+    threshold_grid,
+)
 from raysegbg.methods.prn import Prn, in_holdout, label_key
 from raysegbg.state.store import PseudoLabelStore
 from raysegbg.train import train_worker
@@ -73,20 +77,20 @@ def test_three_stages_in_order_with_labels_in_the_store(contrast_data, tmp_path)
     train = SegDataset(contrast_data, "train")
     held = [i for i in train.ids if in_holdout(i, cfg.method.prn.holdout)]
     assert 0 < len(held) < len(train)
-    assert sorted(store.ids()) == sorted(label_key(i, h) for i in held for h in method.heads)
+    assert sorted(store.ids()) == sorted(label_key(i, p) for i in held for p in (8, 16))
     # each label is the base probability binarized at its stored per-patch threshold map
     image, mask = train[train.ids.index(held[0])]
     prob = method.eval().base_probability(image[None])[:, 0]
-    for head in method.heads:
-        item = store.get([label_key(held[0], head)])[0]
+    for patch in (8, 16):
+        item = store.get([label_key(held[0], patch)])[0]
         labels, thresholds = patch_pseudo_labels(
-            prob, mask[None] == 1, mask[None] != 255, head, threshold_grid(20)
+            prob, mask[None] == 1, mask[None] != 255, patch, threshold_grid(20)
         )
         np.testing.assert_array_equal(item.mask, labels[0].numpy())
         np.testing.assert_array_equal(item.confidence, thresholds[0].numpy())
-        if head != WHOLE_IMAGE:  # constant inside each patch
-            block = item.confidence[:head, :head]
-            assert np.all(block == block[0, 0])
+        block = item.confidence[:patch, :patch]  # constant inside each patch
+        assert np.all(block == block[0, 0])
+    assert "pseudo/oracle_iou_image" in found[2][1]["metrics"]  # measured, not stored
 
     logged = tags(run / "tb")
     assert "prn/base_thresholds_pseudo_refined" in logged["images"]
@@ -173,6 +177,48 @@ def test_inference_averages_the_heads_and_predicts_like_its_stage():
     copy = Prn(cfg, 2, 1, 255)
     copy.load_state_dict(method.state_dict())
     assert copy.stage_name == "refine"
+
+
+def test_threshold_heads_binarize_the_base_at_each_patch_threshold(monkeypatch):
+    """Head t8 predicts a threshold per 8x8 patch and binarizes the base probability with it:
+    scored at the searched optimum it reproduces the pseudo-labels, and its loss is one minus
+    the pixel-weighted patch IoU, which the optimum minimises."""
+    cfg = load_config(None, ["method.name=prn", "model.encoder_depth=3",
+                             "model.decoder_channels=[16,8,8]", "method.prn.patch_sizes=[8]",
+                             "method.prn.threshold_heads=true"])  # fmt: skip
+    torch.manual_seed(0)
+    method = Prn(cfg, 2, 1, 255).eval()
+    method.stage_name = "refine"
+    images = 3 * torch.randn(2, 1, 32, 32)
+    masks = (torch.rand(2, 32, 32) > 0.5).long()
+    masks[0, :4, :4] = 255
+    prob = method.base_probability(images)
+    valid, fg, grid = masks != 255, masks == 1, threshold_grid(20)
+    logits, scores, _ = method._refine(images)
+    assert set(logits) == {0, 8, -8} and scores[8].shape == (2, 20, 4, 4)
+    assert torch.equal(logits[-8], method.base_logit(images))  # a fresh head picks 0.5
+
+    labels, thresholds = patch_pseudo_labels(prob[:, 0], fg, valid, 8, grid)
+    best = (thresholds[:, ::8, ::8] * 20).round().long() - 1  # (2, 4, 4) grid index
+    oracle = 50 * torch.nn.functional.one_hot(best, 20).permute(0, 3, 1, 2).float()
+    monkeypatch.setattr(method.refiner.thresholds["8"], "forward", lambda feats: oracle)
+    logits, scores, _ = method._refine(images)
+    assert ((logits[-8][:, 0] >= 0) != labels.bool()).float().mean() < 1e-3
+
+    # loss at the optimum: 1 - sum(weight * best IoU) / sum(weight), weight = the patch's
+    # largest union (at the lowest threshold), counted directly
+    table = patch_iou_table(prob[:, 0], fg, valid, 8, grid)
+    widest = ((prob[:, 0] >= grid[0]) | fg) & valid
+    weight = widest.float().view(2, 4, 8, 4, 8).sum((2, 4))
+    expected = 1 - (weight * table.amax(-1)).sum() / weight.sum()
+    loss = method.threshold_loss(prob, masks, 8, oracle)
+    torch.testing.assert_close(loss, expected.float())
+    uniform = torch.zeros_like(oracle, requires_grad=True)
+    worse = method.threshold_loss(prob, masks, 8, uniform)
+    assert worse > loss
+    worse.backward()  # descending the loss moves mass toward the optimal thresholds
+    step = (-uniform.grad).softmax(1).argmax(1)
+    assert table.gather(-1, step[..., None]).mean() > table.mean()
 
 
 def whole_run(rank: int, world: int, overrides: list[str], run_dir: str):

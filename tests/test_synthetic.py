@@ -1,4 +1,5 @@
-"""Built-in generators: shapes, determinism, the hetero_bg distractor, and the data CLI."""
+"""Built-in generators: shapes, determinism, the hetero_bg distractor, the head phantom's
+brain-like background, and the data CLI."""
 
 from __future__ import annotations
 
@@ -70,6 +71,25 @@ def test_hetero_bg_has_a_textured_distractor() -> None:
     foreground = (labels == 1).all(-1)
     assert (distractor.reshape(64, -1).any(1)).mean() > 0.6  # most images have one
     assert rough[distractor].mean() > 4 * rough[foreground].mean()
+
+
+def test_head_background_has_brain_like_tissue_touching_the_brain() -> None:
+    """The head set's background is not one mode: air, bone and CSF are dark, but scalp and
+    extra-cranial tissue are as bright as the brain, and in most slices some of that bright
+    background touches the brain (the dark rings break), which is where a model over-segments."""
+    images, masks = GENERATORS["head"](np.random.default_rng(5), 64, 64)
+    img, brain = images[..., 0].astype(np.float32), masks == 1
+    lo, hi = np.percentile(img[brain], [10, 90])
+    like_brain = (img >= lo) & (img <= hi) & ~brain
+    assert like_brain.sum() > 0.3 * brain.sum()  # plenty of brain-bright background
+    assert (img[~brain] < lo).mean() > 0.5  # and most background is dark
+    grown = brain.copy()  # the brain's 1-px outer rim
+    grown[:, 1:] |= brain[:, :-1]
+    grown[:, :-1] |= brain[:, 1:]
+    grown[:, :, 1:] |= brain[:, :, :-1]
+    grown[:, :, :-1] |= brain[:, :, 1:]
+    touching = (like_brain & grown).reshape(64, -1).sum(1) >= 5  # pixels, not a noise speck
+    assert touching.mean() > 0.5
 
 
 def test_generator_is_fast() -> None:

@@ -196,6 +196,69 @@ def _varying_contrast(rng: np.random.Generator, n: int, size: int) -> Batch:
     return _to_uint8(illum * (texture + contrast))[..., None], inside.astype(np.uint8)
 
 
+def _head(rng: np.random.Generator, n: int, size: int) -> Batch:
+    """A T1-like head slice: the brain (foreground; grey-matter rim, white-matter core) inside
+    dark CSF and skull rings that thin out and break in places (partial volume), a scalp as
+    bright as white matter, air outside, and in most slices extra-cranial tissue (eye, muscle)
+    with the brain's own intensities pressed against the skull. Bias field, blur and noise on
+    top. Low slices (skull base) hold only small brain lobes among face tissue. The background is
+    air, bone, fat and brain-like tissue: one background class has to cover all of them, and
+    where the rings break the brain-like parts touch the brain."""
+    u, v = _rotated(rng, n, size, 0.42, 0.58)
+    a, b = _uniform(rng, 0.36, 0.46, (n,)), _uniform(rng, 0.30, 0.42, (n,))
+    r, phi = np.hypot(u / a, v / b), np.arctan2(v / b, u / a)
+
+    def ring(lo: float, hi: float, amp: float) -> np.ndarray:  # thickness varying with angle
+        mean = _uniform(rng, lo, hi, (n,))
+        wave = amp * np.sin(2 * phi + _uniform(rng, 0, 6.3, (n,)))
+        return np.maximum(mean + wave, 0.0)
+
+    wobble = sum(_uniform(rng, 0, amp, (n,)) * np.sin(k * phi + _uniform(rng, 0, 6.3, (n,)))
+                 for k, amp in ((2, 0.04), (3, 0.03), (5, 0.02)))  # fmt: skip
+    brain_edge = _uniform(rng, 0.66, 0.74, (n,)) + wobble
+    csf_edge = brain_edge + ring(0.0, 0.04, 0.04)
+    skull_edge = csf_edge + ring(0.02, 0.06, 0.04)
+    gyri = 0.05 * np.sin(9 * phi + _uniform(rng, 0, 6.3, (n,)))
+    white = r <= brain_edge - _uniform(rng, 0.12, 0.2, (n,)) + gyri
+    brain = r <= brain_edge
+    tissue = np.where(white, 165.0, 110.0) + 8 * _waves(rng, n, size, 2, 4)
+    img = np.where(brain, tissue, 45.0)  # CSF
+    img = np.where(r > csf_edge, 25.0, img)  # bone
+    img = np.where(r > skull_edge, _uniform(rng, 150, 185, (n,)), img)  # scalp fat
+    img = np.where(r > 1.0, 8.0, img)  # air
+    # low slices (skull base, 2 in 5): the brain is 1-3 small lobes with thin, broken CSF rims,
+    # and the rest of the skull holds face tissue (muscle, fat, air sinuses) as bright as brain
+    low = (rng.random(n) < 0.4)[:, None, None]
+    lobes, rims = np.zeros(r.shape, bool), np.zeros(r.shape, bool)
+    count = rng.integers(1, 4, n)[:, None, None]
+    for k in range(3):
+        du = (u / a - _uniform(rng, -0.4, 0.4, (n,))) / _uniform(rng, 0.15, 0.3, (n,))
+        dv = (v / b - _uniform(rng, -0.1, 0.4, (n,))) / _uniform(rng, 0.12, 0.25, (n,))
+        lr, angle = np.hypot(du, dv), np.arctan2(dv, du)
+        rim = 0.3 * np.maximum(np.sin(2 * angle + _uniform(rng, 0, 6.3, (n,))), 0)
+        lobes |= (lr <= 1) & (k < count)
+        rims |= (lr > 1) & (lr <= 1 + rim) & (k < count)
+    lobes &= r <= brain_edge
+    face = _waves(rng, n, size, 1, 3) + 0.3 * _waves(rng, n, size, 3, 6)
+    face = np.where(face > 0.85, 165.0, np.where(face > 0.4, 110.0, 20.0))
+    inside = low & (r <= csf_edge)
+    img = np.where(inside, np.where(lobes, tissue, np.where(rims, 45.0, face)), img)
+    brain = np.where(low, lobes, brain)
+    # an eye or muscle against the skull, with grey/white-matter intensities, in 3 of 4 slices
+    angle = _uniform(rng, 0, 2 * np.pi, (n,))
+    du, dv = u / a - 0.95 * np.cos(angle), v / b - 0.95 * np.sin(angle)
+    blob_r = np.hypot(du, dv) / _uniform(rng, 0.2, 0.35, (n,))
+    extra = (blob_r <= 1) & (r > skull_edge) & (rng.random(n) < 0.75)[:, None, None]
+    img = np.where(extra, np.where(blob_r <= 0.5, 165.0, 110.0), img)
+    padded = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")  # partial volume: 3x3 blur
+    kernel = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
+    img = sum(kernel[i, j] * padded[:, i : i + size, j : j + size]
+              for i in range(3) for j in range(3))  # fmt: skip
+    bias = 0.8 + 0.4 * _waves(rng, n, size, 0.3, 0.7)
+    img = img * bias + rng.normal(0, 10, (n, size, size)).astype(np.float32)
+    return _to_uint8(img)[..., None], brain.astype(np.uint8)
+
+
 def _cooccur(rng: np.random.Generator, n: int, size: int) -> Batch:
     yy, xx = _grid(size)
     level = _uniform(rng, 0.35, 0.6, (n,))
@@ -236,6 +299,13 @@ GENERATORS: dict[str, GeneratorSpec] = {
         ("background", "foreground"),
         1,
         "grayscale blobs whose contrast fades with a smooth illumination field",
+    ),
+    "head": GeneratorSpec(
+        _head,
+        ("background", "brain"),
+        1,
+        "T1-like head slices: brain inside CSF, skull, a bright scalp and brain-like extra-"
+        "cranial tissue",
     ),
     "cooccur": GeneratorSpec(
         _cooccur,

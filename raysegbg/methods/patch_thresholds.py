@@ -25,14 +25,15 @@ def _grid_shape(height: int, width: int, patch: int) -> tuple[int, int, int, int
     return -(-height // ph), -(-width // pw), ph, pw
 
 
-def patch_iou_table(
+def patch_counts(
     prob: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor, patch: int, grid: torch.Tensor
-) -> torch.Tensor:
-    """(B, gh, gw, T) IoU of every patch binarized at every threshold (`prob >= t`).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, union): (B, gh, gw, T) pixel counts of every patch binarized at every
+    threshold (`prob >= t`) against the truth.
 
     prob: (B, H, W) foreground probability; fg, valid: (B, H, W) bool. Invalid (ignored or
-    padded) pixels count nowhere. A patch whose prediction and truth are both empty has IoU 1.
-    Patches at the right/bottom border are smaller when `patch` does not divide the image.
+    padded) pixels count nowhere. Patches at the right/bottom border are smaller when `patch`
+    does not divide the image.
     """
     b, h, w = prob.shape
     gh, gw, ph, pw = _grid_shape(h, w, patch)
@@ -51,7 +52,15 @@ def patch_iou_table(
     predicted = every.flip(-1).cumsum(-1).flip(-1)[..., 1:].double()
     correct = hits.flip(-1).cumsum(-1).flip(-1)[..., 1:].double()
     truth = hits.sum(-1, keepdim=True).double()
-    union = truth + predicted - correct
+    return correct, truth + predicted - correct
+
+
+def patch_iou_table(
+    prob: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor, patch: int, grid: torch.Tensor
+) -> torch.Tensor:
+    """(B, gh, gw, T) IoU of every patch binarized at every threshold (see `patch_counts`).
+    A patch whose prediction and truth are both empty has IoU 1."""
+    correct, union = patch_counts(prob, fg, valid, patch, grid)
     return torch.where(union > 0, correct / union.clamp_min(1), torch.ones_like(union))
 
 

@@ -9,8 +9,11 @@ stages, run in order by the one entry point and each checkpointed:
    is the pseudo-label. Labels and per-pixel threshold maps go to the run's pseudo-label store.
 3. `refine`: a small refiner reads the base probability map (optionally the image) through an
    smp encoder/decoder into a global head and one local head per patch size (a decoder shared
-   by every patch, blind across patch borders); each head learns its pseudo-labels
-   (`pseudo_weight`) and the ground truth (`gt_weight`). Inference averages the heads
+   by every patch, blind across patch borders); a local head learns its patch size's
+   pseudo-labels, the global head those of every patch size, as in the reference code
+   (`pseudo_weight`), and every head the ground truth (`gt_weight`). With `threshold_heads`,
+   each patch size also gets a head that predicts the patch's threshold itself, trained on the
+   expected patch IoU. Inference averages the heads
    (`inference=mean`), or uses the head, or the mean, that is best on the validation split
    (`inference=best`, re-chosen after every refine epoch).
 """
@@ -35,6 +38,7 @@ from raysegbg.methods.losses import cross_entropy, soft_dice
 from raysegbg.methods.patch_thresholds import (
     WHOLE_IMAGE,
     foreground_iou,
+    patch_counts,
     patch_pseudo_labels,
     threshold_grid,
 )
@@ -44,8 +48,13 @@ from raysegbg.tb import colorize, image_to_uint8
 LABEL_CHUNK = 256  # images per call to the store
 
 
+def head_name(head: int) -> str:
+    """image: the global head; p8: the pixel head of 8×8 patches; t8: their threshold head."""
+    return "image" if head == WHOLE_IMAGE else f"p{head}" if head > 0 else f"t{-head}"
+
+
 def label_key(image_id: str, head: int) -> str:
-    return f"{image_id}@{'image' if head == WHOLE_IMAGE else f'p{head}'}"
+    return f"{image_id}@{head_name(head)}"
 
 
 def _need_store(run: StageRun) -> None:
@@ -86,6 +95,33 @@ class LocalHead(nn.Module):
         return out[:, :, :h, :w]
 
 
+class ThresholdHead(nn.Module):
+    """Scores every threshold of the grid for every p×p patch: the patch-wise binarization the
+    pseudo-labels come from, predicted instead of searched. Each tile's features are pooled
+    (mean, max), then convolved over the patch grid so a patch sees its neighbours. Starts
+    peaked at 0.5 (the base model's own threshold)."""
+
+    def __init__(self, channels: int, patch: int, grid: torch.Tensor, width: int = 32):
+        super().__init__()
+        self.patch = patch
+        self.body = nn.Sequential(
+            nn.Conv2d(2 * channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, grid.numel(), 1),
+        )  # fmt: skip
+        _zero(self.body[-1])
+        with torch.no_grad():
+            self.body[-1].bias.copy_(-10 * (grid - 0.5).abs())
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, T, gh, gw) threshold scores."""
+        p = self.patch
+        pooled = [F.avg_pool2d(feats, p, ceil_mode=True), F.max_pool2d(feats, p, ceil_mode=True)]
+        return self.body(torch.cat(pooled, dim=1))
+
+
 def _zero(conv: nn.Conv2d) -> None:
     """A residual head starts as "no correction": the refiner begins at the base model."""
     nn.init.zeros_(conv.weight)
@@ -94,8 +130,10 @@ def _zero(conv: nn.Conv2d) -> None:
 
 class Refiner(nn.Module):
     """smp encoder/decoder over the base probability map; global head + one local head per
-    patch size. Returns {head: foreground logit (B, 1, H, W)} (head 0 = global); with
-    `residual`, each head's output is a correction added to the base's foreground logit."""
+    patch size (and, with `threshold_heads`, a `ThresholdHead` per patch size). Returns
+    ({head: foreground logit (B, 1, H, W)} (head 0 = global), {patch: threshold scores});
+    with `residual`, each head's output is a correction added to the base's foreground
+    logit."""
 
     def __init__(self, cfg: Config, in_channels: int):
         super().__init__()
@@ -108,17 +146,20 @@ class Refiner(nn.Module):
         self.trunk = build_model(trunk_cfg, in_channels, 1)  # its head is the global head
         width = trunk_cfg.decoder_channels[-1]
         self.local = nn.ModuleDict({str(s): LocalHead(width, s) for s in p.patch_sizes})
+        grid = threshold_grid(p.thresholds).float()
+        sizes = p.patch_sizes if p.threshold_heads else ()
+        self.thresholds = nn.ModuleDict({str(s): ThresholdHead(width, s, grid) for s in sizes})
         self.residual = p.residual
         if self.residual:
             _zero(next(m for m in self.trunk.segmentation_head if isinstance(m, nn.Conv2d)))
 
-    def forward(self, x: torch.Tensor, base_logit: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, x: torch.Tensor, base_logit: torch.Tensor):
         feats = self.trunk.decoder(self.trunk.encoder(x))
         out = {WHOLE_IMAGE: self.trunk.segmentation_head(feats)}
         out.update({int(s): head(feats) for s, head in self.local.items()})
         if self.residual:  # binarizing a patch at t = shifting its logit by -logit(t)
             out = {head: base_logit + v for head, v in out.items()}
-        return out
+        return out, {int(s): head(feats) for s, head in self.thresholds.items()}
 
 
 class Prn(Method):
@@ -130,7 +171,9 @@ class Prn(Method):
         self.params = p = cfg.method.prn
         self.base = build_model(cfg.model, in_channels, 2)
         self.refiner = Refiner(cfg, 1 + (in_channels if p.use_image else 0))
-        self.heads = [WHOLE_IMAGE, *p.patch_sizes]
+        self.heads = [WHOLE_IMAGE, *p.patch_sizes]  # pixel heads
+        self.label_sizes = list(p.patch_sizes)  # pseudo-label sets in the store
+        self.all_heads = [*self.heads, *(-s for s in p.patch_sizes if p.threshold_heads)]
         # parameters the forward pass reaches (build_model froze the others for DDP)
         self.trainable = {n for n, q in self.named_parameters() if q.requires_grad}
         self.stage_name = "base"
@@ -226,7 +269,9 @@ class Prn(Method):
         """Every rank labels its share of the held-out images; rank 0 stores them all."""
         self.eval()
         grid = threshold_grid(self.params.thresholds, run.device)
-        counts = torch.zeros(len(self.heads) + 1, 2, dtype=torch.float64)  # base@0.5, heads
+        # the image-level optimum is measured (its IoU is logged) but not stored
+        searched = [WHOLE_IMAGE, *self.label_sizes]
+        counts = torch.zeros(len(searched) + 1, 2, dtype=torch.float64)  # base@0.5, searched
         mine = []
         size = {image_id: i for i, image_id in enumerate(run.dataset.ids)}
         for batch in eval_batches(run.dataset, self.cfg.train.val_batch_size, run.rank,
@@ -235,14 +280,15 @@ class Prn(Method):
             prob = self.base_probability(images)[:, 0]
             valid, fg = masks != self.ignore_index, masks == 1
             counts[0] += torch.tensor(foreground_iou(prob >= 0.5, fg, valid))
-            per_head = []
-            for k, head in enumerate(self.heads, 1):
-                labels, thresholds = patch_pseudo_labels(prob, fg, valid, head, grid)
+            per_size = []
+            for k, patch in enumerate(searched, 1):
+                labels, thresholds = patch_pseudo_labels(prob, fg, valid, patch, grid)
                 counts[k] += torch.tensor(foreground_iou(labels, fg, valid))
-                per_head.append((labels.cpu().numpy(), thresholds.cpu().numpy()))
+                if patch != WHOLE_IMAGE:
+                    per_size.append((labels.cpu().numpy(), thresholds.cpu().numpy()))
             for j, image_id in enumerate(batch.ids):
                 h, w = run.dataset[size[image_id]][1].shape
-                for head, (labels, thresholds) in zip(self.heads, per_head, strict=True):
+                for head, (labels, thresholds) in zip(self.label_sizes, per_size, strict=True):
                     mine.append((label_key(image_id, head), labels[j, :h, :w],
                                  thresholds[j, :h, :w]))  # fmt: skip
         gathered = dist.gather_objects(mine)
@@ -251,8 +297,8 @@ class Prn(Method):
         dist.all_reduce_sum(counts)
         iou = (counts[:, 0] / counts[:, 1].clamp_min(1)).tolist()
         out = {"pseudo/base_iou@0.5": iou[0], "pseudo/images": float(len(run.dataset))}
-        for head, value in zip(self.heads, iou[1:], strict=True):
-            out[f"pseudo/oracle_iou_{label_key('', head)[1:]}"] = value
+        for patch, value in zip(searched, iou[1:], strict=True):
+            out[f"pseudo/oracle_iou_{head_name(patch)}"] = value
         run.log(
             "pseudo-labels: base IoU at 0.5 "
             f"{iou[0]:.4f}; per-patch optimum "
@@ -272,7 +318,7 @@ class Prn(Method):
         labels = None
         if run.rank == 0:
             _need_store(run)
-            keys = [label_key(i, head) for i in run.dataset.ids for head in self.heads]
+            keys = [label_key(i, size) for i in run.dataset.ids for size in self.label_sizes]
             got = []
             for start in range(0, len(keys), LABEL_CHUNK):
                 got += run.state.get_labels(keys[start : start + LABEL_CHUNK])
@@ -285,17 +331,36 @@ class Prn(Method):
             losses = self._binary_losses(self.base(batch.images), batch.masks)
             losses["loss"] = losses.pop("total")
             return losses
-        logits, prob = self.refiner_logits(batch.images)
-        pseudo = {head: self._targets(batch, head) for head in self.heads}
+        logits, scores, prob = self._refine(batch.images)
+        pseudo = {size: self._targets(batch, size) for size in self.label_sizes}
         sums = {"pseudo": 0.0, "gt": 0.0}
-        for head, logit in logits.items():
-            sums["pseudo"] = sums["pseudo"] + self._binary_losses(logit, pseudo[head])["total"]
-            sums["gt"] = sums["gt"] + self._binary_losses(logit, batch.masks)["total"]
-        losses = {k: v / len(logits) for k, v in sums.items()}
+        for head in self.heads:
+            targets = [pseudo[head]] if head in pseudo else list(pseudo.values())  # global: all
+            for target in targets:
+                loss = self._binary_losses(logits[head], target)["total"]
+                sums["pseudo"] = sums["pseudo"] + loss / len(targets)
+            sums["gt"] = sums["gt"] + self._binary_losses(logits[head], batch.masks)["total"]
+        losses = {k: v / len(self.heads) for k, v in sums.items()}
         p = self.params
         losses["loss"] = p.pseudo_weight * losses["pseudo"] + p.gt_weight * losses["gt"]
+        if scores:
+            each = [self.threshold_loss(prob, batch.masks, s, v) for s, v in scores.items()]
+            losses["thresholds"] = sum(each) / len(each)
+            losses["loss"] = losses["loss"] + p.threshold_weight * losses["thresholds"]
         self._stash(batch, prob, pseudo, logits)
         return losses
+
+    def threshold_loss(self, prob, masks, patch: int, scores: torch.Tensor) -> torch.Tensor:
+        """1 - the expected IoU of every patch when its threshold is drawn from the head's
+        softmax over the grid; patches weighted by the pixels at stake in them (their largest
+        union over thresholds), so empty or settled patches weigh nothing."""
+        grid = threshold_grid(self.params.thresholds, prob.device)
+        valid, fg = masks != self.ignore_index, masks == 1
+        correct, union = patch_counts(prob[:, 0], fg, valid, patch, grid)
+        iou = torch.where(union > 0, correct / union.clamp_min(1), torch.ones_like(union))
+        weight = union.amax(-1).float()
+        expected = (scores.float().softmax(1).permute(0, 2, 3, 1) * iou.float()).sum(-1)
+        return 1 - (weight * expected).sum() / weight.sum().clamp_min(1)
 
     def _binary_losses(self, logits: torch.Tensor, target: torch.Tensor):
         if logits.shape[1] == 1:
@@ -309,17 +374,30 @@ class Prn(Method):
 
     def refiner_logits(self, images: torch.Tensor):
         """({head: foreground logit}, base probability) of the refiner on `images`."""
+        logits, _, prob = self._refine(images)
+        return logits, prob
+
+    def _refine(self, images: torch.Tensor):
+        """({head: foreground logit}, {patch: threshold scores}, base probability). Threshold
+        head -p's logit is the base logit shifted by -logit(t), t the best-scored threshold of
+        each p×p patch: it is positive where the base probability reaches t."""
         base_logit = self.base_logit(images)
         prob = base_logit.sigmoid()
         x = torch.cat([prob, images], dim=1) if self.params.use_image else prob
-        return self.refiner(x, base_logit), prob
+        logits, scores = self.refiner(x, base_logit)
+        grid = threshold_grid(self.params.thresholds, images.device).float()
+        h, w = images.shape[-2:]
+        for patch, score in scores.items():
+            t = grid[score.argmax(1)].repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+            logits[-patch] = base_logit - torch.logit(t[:, None, :h, :w], eps=1e-4)
+        return logits, scores, prob
 
-    def _targets(self, batch: Batch, head: int) -> torch.Tensor:
-        """The batch's pseudo-labels for one head, padded like the batch; ignored where the
+    def _targets(self, batch: Batch, size: int) -> torch.Tensor:
+        """The batch's pseudo-labels of one patch size, padded like the batch; ignored where the
         ground truth is ignored."""
         out = torch.full_like(batch.masks, self.ignore_index)
         for j, image_id in enumerate(batch.ids):
-            label = torch.tensor(self.labels[label_key(image_id, head)][0])
+            label = torch.tensor(self.labels[label_key(image_id, size)][0])
             out[j, : label.shape[0], : label.shape[1]] = label.to(out.device)
         return torch.where(batch.masks == self.ignore_index, batch.masks, out)
 
@@ -344,7 +422,7 @@ class Prn(Method):
             return {}
         was_training = self.training
         self.eval()
-        choices: list[int | None] = [None, *self.heads]
+        choices: list[int | None] = [None, *self.all_heads]
         counts = torch.zeros(len(choices), 2, dtype=torch.float64)
         for batch in val_batches():
             logits, _ = self.refiner_logits(batch.images)
@@ -357,7 +435,7 @@ class Prn(Method):
         if self.params.inference == "best":
             self.inference_head = choices[max(range(len(choices)), key=lambda k: (iou[k], -k))]
         self.train(was_training)
-        names = ["mean", *(label_key("", h)[1:] for h in self.heads)]
+        names = ["mean", *(head_name(h) for h in self.all_heads)]
         out = {f"refine/val_iou_{name}": value for name, value in zip(names, iou, strict=True)}
         head = self.inference_head
         out["refine/chosen_head"] = -1.0 if head is None else float(head)
@@ -372,7 +450,7 @@ class Prn(Method):
     # -- TensorBoard ----------------------------------------------------------------------
     def _stash(self, batch, prob, pseudo, logits) -> None:
         n = min(4, len(batch.ids))
-        head = min(h for h in self.heads if h != WHOLE_IMAGE)
+        head = min(self.label_sizes)
         thresholds = torch.zeros_like(prob[:n, 0])
         for j, image_id in enumerate(batch.ids[:n]):
             t = torch.tensor(self.labels[label_key(image_id, head)][1])
