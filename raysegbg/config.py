@@ -61,7 +61,9 @@ class McibiParams:
 
     dims: int = 64  # memory / pixel feature size
     attention_dims: int = 32
-    feature_stride: int = 4  # work at 1/stride of the image (labels are downsampled)
+    # work at 1/stride of the image (labels are downsampled); 0: the finest power of two that
+    # leaves <= 32 x 32 positions on a training crop (the memory read attends over all of them)
+    feature_stride: int = 0
     momentum: float = 0.9  # update rate of an entry toward the batch's class mean
     momentum_follows_lr: bool = True  # momentum * lr/lr0, as in the reference
     aggregation: str = "soft"  # soft | hard: how a pixel reads the memory
@@ -329,6 +331,10 @@ def validate(cfg: Config) -> None:
         (all(p >= 2 for p in prn.patch_sizes), "method.prn.patch_sizes must all be >= 2"),
         (0 <= prn.holdout < 1, "method.prn.holdout must be in [0, 1), e.g. 0.5"),
         (prn.threshold_weight >= 0, "method.prn.threshold_weight must be >= 0"),
+        (
+            cfg.method.mcibi.feature_stride >= 0,
+            "method.mcibi.feature_stride must be >= 0 (0 picks one from data.crop_size)",
+        ),
         (prn.thresholds >= 2, "method.prn.thresholds must be >= 2 (20 gives 0.05 ... 1.0)"),
         (prn.base_epochs >= 1, "method.prn.base_epochs must be >= 1"),
         (

@@ -1,13 +1,16 @@
-"""MCIBI: the memory update rule, the consistency loss, and 2 workers == 1 worker."""
+"""MCIBI: the memory update rule, the consistency loss, the feature stride, and 2 workers ==
+1 worker."""
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from raysegbg.config import load_config
+from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Batch, StepInfo
-from raysegbg.methods.mcibi import Mcibi
+from raysegbg.methods.mcibi import Mcibi, auto_stride
 from raysegbg.train import Trainer, WorkerContext
 from tests.conftest import tiny_overrides
 from tests.multiproc import run_ranks
@@ -40,6 +43,23 @@ def test_update_rule_matches_direct_computation():
     assert mem.filled.tolist() == [True, True, False]
 
 
+def test_feature_stride_is_explicit_or_leaves_32x32_positions_on_a_training_crop():
+    assert [auto_stride(n, n) for n in (16, 32, 64, 96, 512)] == [1, 1, 2, 4, 16]
+    assert auto_stride(64, 32) == 2  # 32 x 16 = 512 positions
+    images = torch.randn(2, 3, 64, 64)
+
+    def side(*extra: str) -> int:
+        method = Mcibi(load_config(None, [*SMALL, *extra]), 3, 3, 255).eval()
+        return method.features(images).shape[-1]
+
+    assert side("data.crop_size=64") == 32  # auto: 1/2 of a 64-px crop
+    assert side("data.crop_size=128") == 16  # the run's stride follows its crops, not the input
+    assert side("data.crop_size=0") == 32  # no crops: from the input itself
+    assert side("data.crop_size=64", "method.mcibi.feature_stride=4") == 16
+    with pytest.raises(RaysegbgError, match="feature_stride must be >= 0"):
+        load_config(None, ["method.mcibi.feature_stride=-1"])
+
+
 def test_consistency_loss_is_ce_of_filled_entries_through_stage2():
     method = make()
     method.memory.memory.copy_(torch.randn(3, 8))
@@ -65,14 +85,16 @@ def test_inference_reads_but_never_writes_the_memory():
     assert not torch.equal(method.memory.memory, before)
 
 
-def three_steps(rank: int, world: int, overrides: list[str]) -> torch.Tensor:
+def three_steps(rank: int, world: int, overrides: list[str]) -> list[torch.Tensor]:
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg, WorkerContext(run_dir=Path("unused"), rank=rank, world_size=world))
+    memories = []
     for k, batch in enumerate(trainer.loader.epoch(0)):
         trainer.train_step(batch)
+        memories.append(trainer.method.memory.memory.clone())
         if k == 2:
             break
-    return trainer.method.memory.memory.clone()
+    return memories
 
 
 def test_two_workers_keep_the_same_memory_as_one(tiny_data, tmp_path):
@@ -81,4 +103,8 @@ def test_two_workers_keep_the_same_memory_as_one(tiny_data, tmp_path):
     (single,) = run_ranks(three_steps, 1, overrides)
     pair = run_ranks(three_steps, 2, overrides)
     for rank in (0, 1):
-        torch.testing.assert_close(pair[rank], single, atol=1e-5, rtol=1e-4)
+        # the first update is the same to float precision (~1e-6 here); later steps train the
+        # network too, which amplifies that noise (~1e-4 after three steps), while an update
+        # from one rank's pixels alone would be off by ~1e-1
+        torch.testing.assert_close(pair[rank][0], single[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pair[rank][-1], single[-1], atol=1e-3, rtol=1e-3)

@@ -21,6 +21,18 @@ from raysegbg.methods.losses import cross_entropy
 from raysegbg.models import build_model
 from raysegbg.state.memory import ClassMemory, class_sums, global_class_sums
 
+AUTO_POSITIONS = 1024  # feature positions an automatic stride leaves (32 x 32)
+
+
+def auto_stride(height: int, width: int) -> int:
+    """The finest power-of-two stride that leaves at most AUTO_POSITIONS feature positions: the
+    memory read attends over all of them, so its cost grows with their square (1/2 on 64-px
+    images; 1/16 on 512-px ones, where the reference's 1/8 needs a GPU)."""
+    stride = 1
+    while (height // stride) * (width // stride) > AUTO_POSITIONS:
+        stride *= 2
+    return stride
+
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     return nn.Sequential(
@@ -76,6 +88,8 @@ class Mcibi(Method):
         self.fuse = conv_bn_relu(2 * p.dims, p.dims)
         self.stage2 = nn.Conv2d(p.dims, num_classes, 1)
         self.memory = ClassMemory(num_classes, p.dims)
+        crop = cfg.data.crop_size  # one stride per run: that of the training crops
+        self.stride = p.feature_stride or (auto_stride(crop, crop) if crop else 0)
         if not p.update:  # the ablation: a fixed random memory, same parameters otherwise
             gen = torch.Generator().manual_seed(cfg.train.seed)
             self.memory.memory.copy_(F.normalize(torch.randn(num_classes, p.dims, generator=gen)))
@@ -84,9 +98,10 @@ class Mcibi(Method):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.net.decoder(self.net.encoder(images))
         feats = feats[-1] if isinstance(feats, (list, tuple)) else feats
+        target = self.stride or auto_stride(*images.shape[-2:])
         stride = images.shape[-1] // feats.shape[-1]
-        if stride < self.params.feature_stride:
-            feats = F.avg_pool2d(feats, self.params.feature_stride // stride)
+        if stride < target:
+            feats = F.avg_pool2d(feats, target // stride)
         return self.project(feats)
 
     def heads(self, feats: torch.Tensor):
