@@ -67,6 +67,19 @@ def two_class(logit: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(logit), logit], dim=1)
 
 
+def _head_body(cin: int, width: int, cout: int) -> nn.Sequential:
+    """Two 3×3 conv-BN-ReLU blocks and a 1×1 output conv that starts at zero."""
+    body = nn.Sequential(
+        nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, cout, 1),
+    )  # fmt: skip
+    _zero(body[-1])
+    return body
+
+
 class LocalHead(nn.Module):
     """A decoder shared by every patch: it sees one p×p tile of the features plus the tile's
     mean (so it can shift a whole patch), and nothing across the tile's border."""
@@ -74,14 +87,7 @@ class LocalHead(nn.Module):
     def __init__(self, channels: int, patch: int, width: int = 16):
         super().__init__()
         self.patch = patch
-        self.body = nn.Sequential(
-            nn.Conv2d(2 * channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, 1, 1),
-        )  # fmt: skip
-        _zero(self.body[-1])
+        self.body = _head_body(2 * channels, width, 1)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         b, c, h, w = feats.shape
@@ -104,14 +110,7 @@ class ThresholdHead(nn.Module):
     def __init__(self, channels: int, patch: int, grid: torch.Tensor, width: int = 32):
         super().__init__()
         self.patch = patch
-        self.body = nn.Sequential(
-            nn.Conv2d(2 * channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, grid.numel(), 1),
-        )  # fmt: skip
-        _zero(self.body[-1])
+        self.body = _head_body(2 * channels, width, grid.numel())
         with torch.no_grad():
             self.body[-1].bias.copy_(-10 * (grid - 0.5).abs())
 
