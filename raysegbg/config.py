@@ -7,6 +7,7 @@ lists the valid keys instead of a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,6 +103,9 @@ class PrnParams:
     base_epochs: int = 10
     base_checkpoint: str = ""  # a baseline/prn run or checkpoint folder to use as the base
     holdout: float = 0.5  # share of the training split kept from the base, for the refiner
+    # regex whose first group names an image's group: the holdout takes whole groups (e.g.
+    # blocks of slices, so the base never trained on a held-out slice's neighbours)
+    holdout_group: str = ""
     patch_sizes: tuple[int, ...] = (8, 16)  # one pseudo-label and local head per size
     thresholds: int = 20  # threshold grid 1/n, 2/n, ..., 1.0
     pseudo_weight: float = 0.7  # loss on the patch pseudo-labels
@@ -332,6 +336,11 @@ def validate(cfg: Config) -> None:
         (0 <= prn.holdout < 1, "method.prn.holdout must be in [0, 1), e.g. 0.5"),
         (prn.threshold_weight >= 0, "method.prn.threshold_weight must be >= 0"),
         (
+            _regex_with_group(prn.holdout_group),
+            f"method.prn.holdout_group {prn.holdout_group!r} is not a regular expression with a "
+            "group: write one like '(.*_z\\d\\d)\\d$' (the group names the image's group)",
+        ),
+        (
             cfg.method.mcibi.feature_stride >= 0,
             "method.mcibi.feature_stride must be >= 0 (0 picks one from data.crop_size)",
         ),
@@ -358,6 +367,14 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise RaysegbgError(message)
+
+
+def _regex_with_group(text: str) -> bool:
+    """Empty, or a regular expression with at least one group."""
+    try:
+        return not text or re.compile(text).groups >= 1
+    except re.error:
+        return False
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,7 +1,14 @@
 import torch
 
 from raysegbg.config import DataConfig
-from raysegbg.data.loader import SegDataset, TrainLoader, augment, eval_batches
+from raysegbg.data.loader import (
+    SegDataset,
+    TrainLoader,
+    augment,
+    eval_batches,
+    in_holdout,
+    not_in_holdout,
+)
 
 
 def test_global_batches_do_not_depend_on_world_size(tiny_data):
@@ -45,3 +52,19 @@ def test_eval_batches_cover_the_split_once_across_ranks(tiny_data):
     ds = SegDataset(tiny_data, "val")
     ids = [i for r in range(2) for b in eval_batches(ds, 4, r, 2) for i in b.ids]
     assert sorted(ids) == sorted(ds.ids)
+
+
+def test_holdout_by_group_keeps_whole_groups_on_one_side():
+    ids = [f"ch2_z{z:03d}" for z in range(200)]
+    plain = {i for i in ids if in_holdout(i, 0.5)}
+    assert 0.35 < len(plain) / len(ids) < 0.65
+    blocks = r"^(.*_z\d\d)\d$"  # ten slices per group
+    held = {i for i in ids if in_holdout(i, 0.5, blocks)}
+    assert held and held != set(ids)
+    for start in range(0, 200, 10):  # every block is all in or all out
+        block = {f"ch2_z{z:03d}" for z in range(start, start + 10)}
+        assert block <= held or not block & held
+    assert held != plain  # the ids alone would split blocks
+    assert all(not_in_holdout(i, 0.5, blocks) == (i not in held) for i in ids)
+    # an id the expression does not match is its own group
+    assert in_holdout("other", 0.5, blocks) == in_holdout("other", 0.5)

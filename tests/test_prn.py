@@ -153,6 +153,9 @@ def test_refuses_a_multiclass_dataset_and_a_bad_base_checkpoint(tmp_path):
         method._load_base(str(tmp_path / "c"))
     with pytest.raises(RaysegbgError, match="patch_sizes must all be >= 2"):
         load_config(None, ["method.prn.patch_sizes=[1]"])
+    for bad in ("abc", "(unclosed"):
+        with pytest.raises(RaysegbgError, match="holdout_group .* is not a regular expression"):
+            load_config(None, [f"method.prn.holdout_group={bad}"])
 
 
 def test_inference_averages_the_heads_and_predicts_like_its_stage():

@@ -9,6 +9,7 @@ cluster sizes (and testable).
 from __future__ import annotations
 
 import copy
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,13 +27,18 @@ from raysegbg.methods.base import Batch
 PAD_MULTIPLE = 32  # smp encoders downsample up to 32x
 
 
-def in_holdout(image_id: str, fraction: float) -> bool:
-    """A fixed, rank-independent split of a split's ids (by a hash of the id)."""
-    return zlib.crc32(image_id.encode()) % 10_000 < fraction * 10_000
+def in_holdout(image_id: str, fraction: float, group: str = "") -> bool:
+    """A fixed, rank-independent split of a split's ids (by a hash of the id). With `group`, a
+    regular expression whose first group names the image's group (e.g. `(.*_z\\d\\d)\\d$`:
+    blocks of ten slices), whole groups fall on one side, so neighbouring slices or frames do
+    not leak across; an id the expression does not match is its own group."""
+    match = re.match(group, image_id) if group else None
+    key = match.group(1) if match else image_id
+    return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
 
 
-def not_in_holdout(image_id: str, fraction: float) -> bool:
-    return not in_holdout(image_id, fraction)
+def not_in_holdout(image_id: str, fraction: float, group: str = "") -> bool:
+    return not in_holdout(image_id, fraction, group)
 
 
 class SegDataset:

@@ -192,8 +192,9 @@ class Prn(Method):
     # -- stages ---------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
         p = self.params
-        held = partial(in_holdout, fraction=p.holdout) if p.holdout > 0 else None
-        rest = partial(not_in_holdout, fraction=p.holdout) if p.holdout > 0 else None
+        split = {"fraction": p.holdout, "group": p.holdout_group}
+        held = partial(in_holdout, **split) if p.holdout > 0 else None
+        rest = partial(not_in_holdout, **split) if p.holdout > 0 else None
         return [
             Stage("base", 0 if p.base_checkpoint else p.base_epochs, keep=rest),
             Stage("pseudo-labels", 0, keep=held, augment=False),
