@@ -48,8 +48,9 @@ def test_iou(run_dir: Path, split: str = "test") -> dict[str, float]:
         valid, fg = batch.masks != meta.ignore_index, batch.masks == 1
         prob = method.base_probability(batch.images)[:, 0]
         oracle, _ = patch_pseudo_labels(prob, fg, valid, patch, grid)
-        refined = method.predict(batch.images).argmax(1)
-        per_head = [v[:, 0] >= 0 for v in method.refiner_logits(batch.images)[0].values()]
+        logits, _ = method.refiner_logits(batch.images)  # what predict() reads, once
+        refined = method.combine(logits, method.inference_head)[:, 0] > 0.5
+        per_head = [v[:, 0] >= 0 for v in logits.values()]
         preds = [("base", prob >= 0.5), ("refined", refined), ("oracle", oracle),
                  *zip(heads, per_head, strict=True)]  # fmt: skip
         for name, pred in preds:

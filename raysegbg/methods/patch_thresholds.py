@@ -58,10 +58,19 @@ def patch_counts(
 def patch_iou_table(
     prob: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor, patch: int, grid: torch.Tensor
 ) -> torch.Tensor:
-    """(B, gh, gw, T) IoU of every patch binarized at every threshold (see `patch_counts`).
-    A patch whose prediction and truth are both empty has IoU 1."""
-    correct, union = patch_counts(prob, fg, valid, patch, grid)
+    """(B, gh, gw, T) IoU of every patch binarized at every threshold (see `patch_counts`)."""
+    return iou_of_counts(*patch_counts(prob, fg, valid, patch, grid))
+
+
+def iou_of_counts(correct: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """correct / union; 1 where both prediction and truth are empty (union 0)."""
     return torch.where(union > 0, correct / union.clamp_min(1), torch.ones_like(union))
+
+
+def patch_map(per_patch: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
+    """(B, gh, gw) one value per patch -> (B, height, width), each pixel its patch's value."""
+    _, _, ph, pw = _grid_shape(height, width, patch)
+    return per_patch.repeat_interleave(ph, 1).repeat_interleave(pw, 2)[:, :height, :width]
 
 
 def best_thresholds(iou: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -77,10 +86,8 @@ def patch_pseudo_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels (B, H, W) uint8, thresholds (B, H, W) float32): each pixel binarized at the
     optimal threshold of its patch, and that threshold as a per-pixel map."""
-    b, h, w = prob.shape
-    gh, gw, ph, pw = _grid_shape(h, w, patch)
     per_patch = best_thresholds(patch_iou_table(prob, fg, valid, patch, grid), grid)
-    full = per_patch.repeat_interleave(ph, 1).repeat_interleave(pw, 2)[:, :h, :w]
+    full = patch_map(per_patch, *prob.shape[1:], patch)
     labels = (prob.to(grid.dtype) >= full).to(torch.uint8)
     return labels, full.float()
 

@@ -38,7 +38,9 @@ from raysegbg.methods.losses import cross_entropy, soft_dice
 from raysegbg.methods.patch_thresholds import (
     WHOLE_IMAGE,
     foreground_iou,
+    iou_of_counts,
     patch_counts,
+    patch_map,
     patch_pseudo_labels,
     threshold_grid,
 )
@@ -288,8 +290,8 @@ class Prn(Method):
                     per_size.append((labels.cpu().numpy(), thresholds.cpu().numpy()))
             for j, image_id in enumerate(batch.ids):
                 h, w = run.dataset[size[image_id]][1].shape
-                for head, (labels, thresholds) in zip(self.label_sizes, per_size, strict=True):
-                    mine.append((label_key(image_id, head), labels[j, :h, :w],
+                for patch, (labels, thresholds) in zip(self.label_sizes, per_size, strict=True):
+                    mine.append((label_key(image_id, patch), labels[j, :h, :w],
                                  thresholds[j, :h, :w]))  # fmt: skip
         gathered = dist.gather_objects(mine)
         if gathered is not None:
@@ -357,8 +359,7 @@ class Prn(Method):
         grid = threshold_grid(self.params.thresholds, prob.device)
         valid, fg = masks != self.ignore_index, masks == 1
         correct, union = patch_counts(prob[:, 0], fg, valid, patch, grid)
-        iou = torch.where(union > 0, correct / union.clamp_min(1), torch.ones_like(union))
-        weight = union.amax(-1).float()
+        iou, weight = iou_of_counts(correct, union), union.amax(-1).float()
         expected = (scores.float().softmax(1).permute(0, 2, 3, 1) * iou.float()).sum(-1)
         return 1 - (weight * expected).sum() / weight.sum().clamp_min(1)
 
@@ -388,8 +389,8 @@ class Prn(Method):
         grid = threshold_grid(self.params.thresholds, images.device).float()
         h, w = images.shape[-2:]
         for patch, score in scores.items():
-            t = grid[score.argmax(1)].repeat_interleave(patch, 1).repeat_interleave(patch, 2)
-            logits[-patch] = base_logit - torch.logit(t[:, None, :h, :w], eps=1e-4)
+            t = patch_map(grid[score.argmax(1)], h, w, patch)
+            logits[-patch] = base_logit - torch.logit(t[:, None], eps=1e-4)
         return logits, scores, prob
 
     def _targets(self, batch: Batch, size: int) -> torch.Tensor:
