@@ -1,7 +1,9 @@
 """PatchRefineNet versus its base model, a ground-truth-only refiner and the oracle.
 
 Per task and seed: one full prn run (base, pseudo-labels, refiner), then a refiner trained on
-the ground truth only (pseudo_weight 0) on top of the *same* base (loaded from the first run).
+the ground truth only (pseudo_weight 0) on top of the *same* base (loaded from the first run;
+with `--set method.prn.cross_fit=true`, the same seeded bases trained again, since the refiner's
+training inputs come from the fold bases).
 Test-split foreground IoU (×100), mean ± std over seeds:
 - base: the base model at threshold 0.5;
 - refiner (GT only) / PRN: the refined prediction (the GT-only refiner has no pseudo-label
@@ -68,10 +70,11 @@ def one_seed(common: list[str], seed: int, root: Path) -> dict[str, float]:
         return root / name
 
     full = test_iou(train(f"prn-{seed}", []))
-    gt_only = test_iou(train(f"gt-{seed}", [f"method.prn.base_checkpoint={root / f'prn-{seed}'}",
-                                            "method.prn.pseudo_weight=0",
-                                            "method.prn.gt_weight=1",
-                                            "method.prn.threshold_heads=false"]))  # fmt: skip
+    control = ["method.prn.pseudo_weight=0", "method.prn.gt_weight=1",
+               "method.prn.threshold_heads=false"]  # fmt: skip
+    if not load_config(None, common).method.prn.cross_fit:  # else: the same bases, retrained
+        control.append(f"method.prn.base_checkpoint={root / f'prn-{seed}'}")
+    gt_only = test_iou(train(f"gt-{seed}", control))
     assert abs(gt_only["base"] - full["base"]) < 1e-9, "the GT-only refiner must share the base"
     heads = "  ".join(f"{k} {v:.4f}" for k, v in full.items() if k.startswith("head"))
     print(f"  PRN heads alone: {heads}", flush=True)

@@ -106,6 +106,10 @@ class PrnParams:
     # regex whose first group names an image's group: the holdout takes whole groups (e.g.
     # blocks of slices, so the base never trained on a held-out slice's neighbours)
     holdout_group: str = ""
+    # label every training image with a base that never saw it: two fold bases (trained on the
+    # rest and on the held-out share) label each other's images, the refiner trains on all of
+    # them, and the base it refines at inference trains on the whole split
+    cross_fit: bool = False
     patch_sizes: tuple[int, ...] = (8, 16)  # one pseudo-label and local head per size
     thresholds: int = 20  # threshold grid 1/n, 2/n, ..., 1.0
     pseudo_weight: float = 0.7  # loss on the patch pseudo-labels
@@ -335,6 +339,16 @@ def validate(cfg: Config) -> None:
         (all(p >= 2 for p in prn.patch_sizes), "method.prn.patch_sizes must all be >= 2"),
         (0 <= prn.holdout < 1, "method.prn.holdout must be in [0, 1), e.g. 0.5"),
         (prn.threshold_weight >= 0, "method.prn.threshold_weight must be >= 0"),
+        (
+            not (prn.cross_fit and prn.base_checkpoint),
+            "method.prn.cross_fit trains its own bases: drop method.prn.base_checkpoint or set "
+            "method.prn.cross_fit=false",
+        ),
+        (
+            not prn.cross_fit or prn.holdout > 0,
+            "method.prn.cross_fit needs method.prn.holdout > 0 (e.g. 0.5): its two folds are the "
+            "held-out share and the rest",
+        ),
         (
             _regex_with_group(prn.holdout_group),
             f"method.prn.holdout_group {prn.holdout_group!r} is not a regular expression with a "

@@ -122,6 +122,72 @@ def test_resume_inside_a_stage_and_at_a_stage_boundary(contrast_data, tmp_path):
             assert again["shared"][name] == first["shared"][name]
 
 
+def test_cross_fit_labels_every_training_image_with_a_base_that_never_saw_it(
+    contrast_data, tmp_path
+):
+    from raysegbg.data.loader import SegDataset
+
+    lines: list[str] = []
+    run = tmp_path / "x"
+    cfg = prn_config(contrast_data, tmp_path, **{"logging.name": "x", "train.epochs": 1,
+                                                "method.prn.cross_fit": "true"})  # fmt: skip
+    train_local(cfg, run, log=lines.append)
+    states = [load_state(folder) for folder, _ in list_checkpoints(run)]
+    # fold 1: base 2 epochs + labels, fold 2: base 2 + labels, final base 2, refine 1
+    assert [s["stage"] for s in states] == [0, 0, 1, 2, 2, 3, 4, 4, 5]
+    assert "[fold 2 pseudo-labels]" in "\n".join(lines)
+
+    def weights(state, prefix):
+        return {k: v for k, v in state["method"].items() if k.startswith(prefix)}
+
+    def same(a, b):
+        return all(torch.equal(v, b[k]) for k, v in a.items())
+
+    # each base trains in its own stage only, and the three end up different
+    last = states[-1]
+    fold1, fold2, final = "fold_bases.0.", "fold_bases.1.", "base."
+    assert same(weights(states[2], fold1), weights(last, fold1))
+    assert not same(weights(states[2], fold2), weights(last, fold2))
+    assert same(weights(states[5], fold2), weights(last, fold2))
+    assert not same(weights(states[5], final), weights(last, final))
+    assert same(weights(states[7], final), weights(last, final))
+
+    train = SegDataset(contrast_data, "train")
+    held = {i for i in train.ids if in_holdout(i, cfg.method.prn.holdout)}
+    assert 0 < len(held) < len(train)
+    method = Prn(cfg, 2, 1, 255).eval()
+    method.load_state_dict(last["method"])
+    stages = method.stages()
+    assert {i for i in train.ids if stages[0].keep(i)} == set(train.ids) - held
+    assert {i for i in train.ids if stages[2].keep(i)} == held
+    assert stages[4].keep is None and stages[5].keep is None  # final base, refiner: all
+
+    # every training image is labeled by the fold base that never trained on it, and that
+    # base's logit is the refiner's training input; inference refines the final base
+    store = PseudoLabelStore.load(run / "state" / "latest")
+    assert sorted(store.ids()) == sorted(label_key(i, p) for i in train.ids for p in (8, 16))
+    for image_id in (min(held), min(set(train.ids) - held)):
+        image, mask = train[train.ids.index(image_id)]
+        method.stage_name = "fold 1 pseudo-labels" if image_id in held else "fold 2 base"
+        prob = method.base_probability(image[None])
+        fold = method.fold_bases[0 if image_id in held else 1]
+        assert torch.equal(method.predict(image[None]), fold(image[None]))
+        labels, _ = patch_pseudo_labels(
+            prob[:, 0], mask[None] == 1, mask[None] != 255, 8, threshold_grid(20)
+        )
+        np.testing.assert_array_equal(store.get([label_key(image_id, 8)])[0].mask, labels[0])
+        method.stage_name = "refine"
+        torch.testing.assert_close(method.base_logit(image[None], [image_id]).sigmoid(), prob)
+        assert not torch.allclose(method.base_probability(image[None]), prob)
+    both = [min(held), min(set(train.ids) - held)]  # a batch mixing the folds
+    images = torch.stack([train[train.ids.index(i)][0] for i in both])
+    mixed = method.base_logit(images, both)
+    for j, image_id in enumerate(both):
+        torch.testing.assert_close(
+            mixed[j : j + 1], method.base_logit(images[j : j + 1], [image_id])
+        )
+
+
 def test_base_checkpoint_replaces_stage_one(contrast_data, tmp_path):
     baseline = tiny_overrides(contrast_data, tmp_path, **{"logging.name": "b", "train.epochs": 1})
     train_local(load_config(None, baseline), tmp_path / "b", log=lambda line: None)
@@ -156,6 +222,10 @@ def test_refuses_a_multiclass_dataset_and_a_bad_base_checkpoint(tmp_path):
     for bad in ("abc", "(unclosed"):
         with pytest.raises(RaysegbgError, match="holdout_group .* is not a regular expression"):
             load_config(None, [f"method.prn.holdout_group={bad}"])
+    with pytest.raises(RaysegbgError, match="cross_fit trains its own bases"):
+        load_config(None, ["method.prn.cross_fit=true", "method.prn.base_checkpoint=/x"])
+    with pytest.raises(RaysegbgError, match="cross_fit needs method.prn.holdout > 0"):
+        load_config(None, ["method.prn.cross_fit=true", "method.prn.holdout=0"])
 
 
 def test_inference_averages_the_heads_and_predicts_like_its_stage():

@@ -16,6 +16,11 @@ stages, run in order by the one entry point and each checkpointed:
    expected patch IoU. Inference averages the heads
    (`inference=mean`), or uses the head, or the mean, that is best on the validation split
    (`inference=best`, re-chosen after every refine epoch).
+
+With `cross_fit`, stages 1-2 run twice, once per fold (the held-out share and the rest): each
+fold base trains on the other fold and labels its own, so every training image gets a
+pseudo-label and a refiner input from a base that never saw it; then the base that is refined at
+inference trains on the whole training split, and the refiner on all of it.
 """
 
 from __future__ import annotations
@@ -123,6 +128,12 @@ class ThresholdHead(nn.Module):
         return self.body(torch.cat(pooled, dim=1))
 
 
+def _foreground_logit(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) two-class logits -> (B, 1, H, W) foreground logit."""
+    logits = logits.float()
+    return logits[:, 1:] - logits[:, :1]
+
+
 def _zero(conv: nn.Conv2d) -> None:
     """A residual head starts as "no correction": the refiner begins at the base model."""
     nn.init.zeros_(conv.weight)
@@ -171,6 +182,9 @@ class Prn(Method):
         self.check_data(cfg, num_classes)
         self.params = p = cfg.method.prn
         self.base = build_model(cfg.model, in_channels, 2)
+        # cross_fit: fold base k trains without fold k and labels it (fold 1 = the held-out share)
+        folds = range(2 if p.cross_fit else 0)
+        self.fold_bases = nn.ModuleList(build_model(cfg.model, in_channels, 2) for _ in folds)
         self.refiner = Refiner(cfg, 1 + (in_channels if p.use_image else 0))
         self.heads = [WHOLE_IMAGE, *p.patch_sizes]  # pixel heads
         self.label_sizes = list(p.patch_sizes)  # pseudo-label sets in the store
@@ -197,16 +211,39 @@ class Prn(Method):
         split = {"fraction": p.holdout, "group": p.holdout_group}
         held = partial(in_holdout, **split) if p.holdout > 0 else None
         rest = partial(not_in_holdout, **split) if p.holdout > 0 else None
-        return [
-            Stage("base", 0 if p.base_checkpoint else p.base_epochs, keep=rest),
-            Stage("pseudo-labels", 0, keep=held, augment=False),
-            Stage("refine", self.cfg.train.epochs, keep=held, augment=False),
-        ]
+        refine = Stage("refine", self.cfg.train.epochs, keep=held, augment=False)
+        if not p.cross_fit:
+            return [
+                Stage("base", 0 if p.base_checkpoint else p.base_epochs, keep=rest),
+                Stage("pseudo-labels", 0, keep=held, augment=False),
+                refine,
+            ]
+        stages = []
+        for k, (labeled, trained) in enumerate([(held, rest), (rest, held)], 1):
+            stages.append(Stage(f"fold {k} base", p.base_epochs, keep=trained))
+            stages.append(Stage(f"fold {k} pseudo-labels", 0, keep=labeled, augment=False))
+        return [*stages, Stage("base", p.base_epochs), dataclasses.replace(refine, keep=None)]
+
+    def _bases(self) -> dict[str, nn.Module]:
+        """Parameter prefix -> base model: the one refined at inference and any fold bases."""
+        folds = {f"fold_bases.{k}.": base for k, base in enumerate(self.fold_bases)}
+        return {"base.": self.base, **folds}
+
+    def _stage_base(self) -> tuple[str, nn.Module]:
+        """The base the current stage trains, labels with or predicts with."""
+        if self.stage_name.startswith("fold "):
+            k = int(self.stage_name.split()[1]) - 1
+            return f"fold_bases.{k}.", self.fold_bases[k]
+        return "base.", self.base
 
     def enter_stage(self, stage: Stage, run: StageRun) -> None:
         self.stage_name = stage.name
-        trains = {"base": "base." if stage.epochs else None, "refine": "refiner."}
-        prefix = trains.get(stage.name)
+        if stage.name == "refine":
+            prefix = "refiner."
+        elif stage.name.endswith("base") and stage.epochs:
+            prefix = self._stage_base()[0]
+        else:
+            prefix = None
         for name, param in self.named_parameters():
             on = prefix is not None and name.startswith(prefix) and name in self.trainable
             param.requires_grad_(on)
@@ -214,14 +251,16 @@ class Prn(Method):
             self.labels = self._read_labels(run)
 
     def run_stage(self, stage: Stage, run: StageRun) -> dict[str, float]:
-        if stage.name == "base":
+        if stage.name == "base":  # a one-shot base stage loads `base_checkpoint`
             return self._load_base(self.params.base_checkpoint)
         return self._make_labels(run)
 
     def train(self, mode: bool = True) -> Prn:
         super().train(mode)
-        if self.stage_name != "base":
-            self.base.eval()  # frozen after stage 1: its BatchNorm statistics stay fixed
+        training = self._stage_base()[0] if self.stage_name.endswith("base") else None
+        for prefix, base in self._bases().items():
+            if prefix != training:
+                base.eval()  # frozen once trained: its BatchNorm statistics stay fixed
         return self
 
     def get_extra_state(self) -> dict:
@@ -260,11 +299,22 @@ class Prn(Method):
         """(B, 1, H, W) foreground probability of the frozen base model."""
         return self.base_logit(images).sigmoid()
 
-    def base_logit(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) foreground logit of the frozen base model (softmax = its sigmoid)."""
+    def base_logit(self, images: torch.Tensor, ids: list[str] | None = None) -> torch.Tensor:
+        """(B, 1, H, W) foreground logit (softmax = its sigmoid) of the stage's frozen base: the
+        fold base in a fold's stages, else the base refined at inference. With cross_fit and the
+        `ids` of refiner training images: each image's logit from the fold base that labeled it
+        (and never trained on it)."""
         with torch.no_grad():
-            logits = self.base(images).float()
-            return logits[:, 1:] - logits[:, :1]
+            if ids is None or not len(self.fold_bases):
+                return _foreground_logit(self._stage_base()[1](images))
+            p = self.params
+            held = [in_holdout(i, p.holdout, p.holdout_group) for i in ids]
+            held = torch.tensor(held, device=images.device)
+            out = torch.empty_like(images[:, :1], dtype=torch.float32)
+            for fold, base in zip((held, ~held), self.fold_bases, strict=True):
+                if fold.any():
+                    out[fold] = _foreground_logit(base(images[fold]))
+            return out
 
     @torch.no_grad()
     def _make_labels(self, run: StageRun) -> dict[str, float]:
@@ -329,11 +379,11 @@ class Prn(Method):
 
     # -- stage 1 and 3: training steps ----------------------------------------------------
     def forward(self, batch: Batch, info: StepInfo) -> dict[str, torch.Tensor]:
-        if self.stage_name == "base":
-            losses = self._binary_losses(self.base(batch.images), batch.masks)
+        if self.stage_name.endswith("base"):
+            losses = self._binary_losses(self._stage_base()[1](batch.images), batch.masks)
             losses["loss"] = losses.pop("total")
             return losses
-        logits, scores, prob = self._refine(batch.images)
+        logits, scores, prob = self._refine(batch.images, batch.ids)
         pseudo = {size: self._targets(batch, size) for size in self.label_sizes}
         sums = {"pseudo": 0.0, "gt": 0.0}
         for head in self.heads:
@@ -378,11 +428,12 @@ class Prn(Method):
         logits, _, prob = self._refine(images)
         return logits, prob
 
-    def _refine(self, images: torch.Tensor):
-        """({head: foreground logit}, {patch: threshold scores}, base probability). Threshold
-        head -p's logit is the base logit shifted by -logit(t), t the best-scored threshold of
-        each p×p patch: it is positive where the base probability reaches t."""
-        base_logit = self.base_logit(images)
+    def _refine(self, images: torch.Tensor, ids: list[str] | None = None):
+        """({head: foreground logit}, {patch: threshold scores}, base probability); `ids` of
+        training images (see `base_logit`). Threshold head -p's logit is the base logit shifted
+        by -logit(t), t the best-scored threshold of each p×p patch: it is positive where the
+        base probability reaches t."""
+        base_logit = self.base_logit(images, ids)
         prob = base_logit.sigmoid()
         x = torch.cat([prob, images], dim=1) if self.params.use_image else prob
         logits, scores = self.refiner(x, base_logit)
@@ -444,7 +495,7 @@ class Prn(Method):
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         if self.stage_name != "refine":
-            return self.base(images)
+            return self._stage_base()[1](images)
         q = self.refined_probability(images).clamp(1e-6, 1 - 1e-6)
         return torch.cat([torch.log1p(-q), torch.log(q)], dim=1)
 
