@@ -110,6 +110,8 @@ class PrnParams:
     # rest and on the held-out share) label each other's images, the refiner trains on all of
     # them, and the base it refines at inference trains on the whole split
     cross_fit: bool = False
+    # refine on augmented crops (data.*: scale, crop, flips), pseudo-labels searched per batch
+    refine_augment: bool = False
     patch_sizes: tuple[int, ...] = (8, 16)  # one pseudo-label and local head per size
     thresholds: int = 20  # threshold grid 1/n, 2/n, ..., 1.0
     pseudo_weight: float = 0.7  # loss on the patch pseudo-labels

@@ -188,6 +188,45 @@ def test_cross_fit_labels_every_training_image_with_a_base_that_never_saw_it(
         )
 
 
+def test_refine_augment_searches_the_labels_on_each_augmented_batch(contrast_data, tmp_path):
+    from dataclasses import replace
+
+    from raysegbg.data.loader import SegDataset, eval_batches
+
+    run = tmp_path / "a"
+    cfg = prn_config(contrast_data, tmp_path, **{"logging.name": "a", "train.epochs": 1,
+                                                "method.prn.refine_augment": "true"})  # fmt: skip
+    train_local(cfg, run, log=lambda line: None)
+    method = Prn(cfg, 2, 1, 255).eval()
+    method.load_state_dict(load_state(list_checkpoints(run)[-1][0])["method"])
+    stages = method.stages()
+    assert stages[-1].augment and not stages[1].augment  # the labels are of whole images
+    assert "prn/base_thresholds_pseudo_refined" in tags(run / "tb")["images"]
+
+    # on unaugmented held-out images the per-batch search finds what the store holds
+    train = SegDataset(contrast_data, "train")
+    held = train.subset(lambda i: in_holdout(i, cfg.method.prn.holdout))
+    store = PseudoLabelStore.load(run / "state" / "latest")
+    keys = [label_key(i, p) for i in held.ids for p in (8, 16)]
+    method.labels = {k: (x.mask, x.confidence) for k, x in zip(keys, store.get(keys), strict=True)}
+    batch = next(iter(eval_batches(held, 8)))
+    prob = method.base_probability(batch.images)
+    live, live_map = method._targets(batch, prob)
+    method.params = replace(method.params, refine_augment=False)
+    stored, stored_map = method._targets(batch, prob)
+    assert all(torch.equal(live[p], stored[p]) for p in (8, 16))
+    assert torch.equal(live_map, stored_map) and live_map.unique().numel() > 1
+    # on a flipped batch they follow the base's output on the flipped images, not the store
+    method.params = replace(method.params, refine_augment=True)
+    flipped = Batch(batch.images.flip(-1), batch.masks.flip(-1), batch.ids)
+    prob = method.base_probability(flipped.images)
+    labels, _ = method._targets(flipped, prob)
+    expected, _ = patch_pseudo_labels(
+        prob[:, 0], flipped.masks == 1, flipped.masks != 255, 8, threshold_grid(20)
+    )
+    assert torch.equal(labels[8], expected.long())
+
+
 def test_base_checkpoint_replaces_stage_one(contrast_data, tmp_path):
     baseline = tiny_overrides(contrast_data, tmp_path, **{"logging.name": "b", "train.epochs": 1})
     train_local(load_config(None, baseline), tmp_path / "b", log=lambda line: None)

@@ -211,7 +211,7 @@ class Prn(Method):
         split = {"fraction": p.holdout, "group": p.holdout_group}
         held = partial(in_holdout, **split) if p.holdout > 0 else None
         rest = partial(not_in_holdout, **split) if p.holdout > 0 else None
-        refine = Stage("refine", self.cfg.train.epochs, keep=held, augment=False)
+        refine = Stage("refine", self.cfg.train.epochs, keep=held, augment=p.refine_augment)
         if not p.cross_fit:
             return [
                 Stage("base", 0 if p.base_checkpoint else p.base_epochs, keep=rest),
@@ -384,7 +384,7 @@ class Prn(Method):
             losses["loss"] = losses.pop("total")
             return losses
         logits, scores, prob = self._refine(batch.images, batch.ids)
-        pseudo = {size: self._targets(batch, size) for size in self.label_sizes}
+        pseudo, thresholds = self._targets(batch, prob)
         sums = {"pseudo": 0.0, "gt": 0.0}
         for head in self.heads:
             targets = [pseudo[head]] if head in pseudo else list(pseudo.values())  # global: all
@@ -399,7 +399,7 @@ class Prn(Method):
             each = [self.threshold_loss(prob, batch.masks, s, v) for s, v in scores.items()]
             losses["thresholds"] = sum(each) / len(each)
             losses["loss"] = losses["loss"] + p.threshold_weight * losses["thresholds"]
-        self._stash(batch, prob, pseudo, logits)
+        self._stash(batch, prob, pseudo, thresholds, logits)
         return losses
 
     def threshold_loss(self, prob, masks, patch: int, scores: torch.Tensor) -> torch.Tensor:
@@ -444,14 +444,29 @@ class Prn(Method):
             logits[-patch] = base_logit - torch.logit(t[:, None], eps=1e-4)
         return logits, scores, prob
 
-    def _targets(self, batch: Batch, size: int) -> torch.Tensor:
-        """The batch's pseudo-labels of one patch size, padded like the batch; ignored where the
-        ground truth is ignored."""
-        out = torch.full_like(batch.masks, self.ignore_index)
-        for j, image_id in enumerate(batch.ids):
-            label = torch.tensor(self.labels[label_key(image_id, size)][0])
-            out[j, : label.shape[0], : label.shape[1]] = label.to(out.device)
-        return torch.where(batch.masks == self.ignore_index, batch.masks, out)
+    def _targets(self, batch: Batch, prob: torch.Tensor):
+        """({patch size: the batch's pseudo-labels}, the smallest size's threshold map), padded
+        like the batch and ignored where the ground truth is. From the store; with
+        `refine_augment`, searched on the augmented batch itself (the stored labels are of the
+        unaugmented images), from the same base probability the refiner reads."""
+        ignored = batch.masks == self.ignore_index
+        labels, maps = {}, {}
+        for size in self.label_sizes:
+            if self.params.refine_augment:
+                grid = threshold_grid(self.params.thresholds, prob.device)
+                fg = batch.masks == 1
+                labels[size], maps[size] = patch_pseudo_labels(prob[:, 0], fg, ~ignored, size, grid)
+                continue
+            labels[size] = torch.full_like(batch.masks, self.ignore_index)
+            maps[size] = torch.zeros_like(prob[:, 0])
+            for j, image_id in enumerate(batch.ids):
+                label, t = (torch.tensor(a) for a in self.labels[label_key(image_id, size)])
+                labels[size][j, : label.shape[0], : label.shape[1]] = label.to(batch.masks.device)
+                maps[size][j, : t.shape[0], : t.shape[1]] = t.to(prob.device)
+        out = {
+            k: torch.where(ignored, batch.masks, v.to(batch.masks.dtype)) for k, v in labels.items()
+        }
+        return out, maps[min(self.label_sizes)]
 
     # -- inference ------------------------------------------------------------------------
     @staticmethod
@@ -500,17 +515,13 @@ class Prn(Method):
         return torch.cat([torch.log1p(-q), torch.log(q)], dim=1)
 
     # -- TensorBoard ----------------------------------------------------------------------
-    def _stash(self, batch, prob, pseudo, logits) -> None:
+    def _stash(self, batch, prob, pseudo, thresholds, logits) -> None:
         n = min(4, len(batch.ids))
         head = min(self.label_sizes)
-        thresholds = torch.zeros_like(prob[:n, 0])
-        for j, image_id in enumerate(batch.ids[:n]):
-            t = torch.tensor(self.labels[label_key(image_id, head)][1])
-            thresholds[j, : t.shape[0], : t.shape[1]] = t
         refined = self.combine({k: v.detach() for k, v in logits.items()}, self.inference_head)
         self.shown = {
             "image": batch.images[:n].detach(), "base": prob[:n, 0].detach(),
-            "thresholds": thresholds, "pseudo": pseudo[head][:n], "refined": refined[:n, 0],
+            "thresholds": thresholds[:n], "pseudo": pseudo[head][:n], "refined": refined[:n, 0],
             "truth": batch.masks[:n],
         }  # fmt: skip
 
