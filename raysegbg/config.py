@@ -112,6 +112,10 @@ class PrnParams:
     cross_fit: bool = False
     # refine on augmented crops (data.*: scale, crop, flips), pseudo-labels searched per batch
     refine_augment: bool = False
+    # std (logits) of a random offset added to each refiner training image's base logit: one
+    # value per largest patch, bilinearly interpolated, plus one per image. The refiner learns to
+    # undo spatially biased logits; its pseudo-labels are then searched per batch. 0: off
+    bias_augment: float = 0.0
     patch_sizes: tuple[int, ...] = (8, 16)  # one pseudo-label and local head per size
     thresholds: int = 20  # threshold grid 1/n, 2/n, ..., 1.0
     pseudo_weight: float = 0.7  # loss on the patch pseudo-labels
@@ -341,6 +345,7 @@ def validate(cfg: Config) -> None:
         (all(p >= 2 for p in prn.patch_sizes), "method.prn.patch_sizes must all be >= 2"),
         (0 <= prn.holdout < 1, "method.prn.holdout must be in [0, 1), e.g. 0.5"),
         (prn.threshold_weight >= 0, "method.prn.threshold_weight must be >= 0"),
+        (prn.bias_augment >= 0, "method.prn.bias_augment must be >= 0 (a std in logits, e.g. 1)"),
         (
             not (prn.cross_fit and prn.base_checkpoint),
             "method.prn.cross_fit trains its own bases: drop method.prn.base_checkpoint or set "

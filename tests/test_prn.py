@@ -11,7 +11,7 @@ from raysegbg.checkpoint import list_checkpoints, load_state
 from raysegbg.config import load_config
 from raysegbg.errors import RaysegbgError
 from raysegbg.local import train_local
-from raysegbg.methods.base import Batch
+from raysegbg.methods.base import Batch, StepInfo
 from raysegbg.methods.patch_thresholds import (
     patch_iou_table,
     patch_pseudo_labels,
@@ -226,6 +226,29 @@ def test_refine_augment_searches_the_labels_on_each_augmented_batch(contrast_dat
     )
     assert torch.equal(labels[8], expected.long())
 
+    # bias_augment: the refiner's training input is the base logit plus a seeded smooth offset
+    # (one draw per largest patch, interpolated, plus one per image), and the labels are
+    # searched on that shifted probability
+    method.train()
+    method.params = replace(method.params, refine_augment=False, bias_augment=1.0)
+    info = StepInfo(step=7, epoch=0, lr_scale=1.0)
+    offset = method._bias(batch, info)
+    assert offset.shape == prob.shape and offset.std() > 0.3
+    assert torch.equal(offset, method._bias(batch, info))  # seeded by (seed, step, image id)
+    swapped = Batch(batch.images.flip(0), batch.masks.flip(0), batch.ids[::-1])
+    assert torch.equal(offset.flip(0), method._bias(swapped, info))
+    assert not torch.equal(offset, method._bias(batch, StepInfo(8, 0, 1.0)))
+    method.params = replace(method.params, bias_augment=2.0)
+    torch.testing.assert_close(method._bias(batch, info), 2 * offset)
+    method.params = replace(method.params, bias_augment=1.0)
+    method(batch, info)
+    shifted = (method.base_logit(batch.images) + offset).sigmoid()[:4, 0]
+    torch.testing.assert_close(method.shown["base"], shifted)
+    expected, _ = patch_pseudo_labels(
+        shifted, batch.masks[:4] == 1, batch.masks[:4] != 255, 8, threshold_grid(20)
+    )
+    assert torch.equal(method.shown["pseudo"], expected.long())
+
 
 def test_base_checkpoint_replaces_stage_one(contrast_data, tmp_path):
     baseline = tiny_overrides(contrast_data, tmp_path, **{"logging.name": "b", "train.epochs": 1})
@@ -261,6 +284,8 @@ def test_refuses_a_multiclass_dataset_and_a_bad_base_checkpoint(tmp_path):
     for bad in ("abc", "(unclosed"):
         with pytest.raises(RaysegbgError, match="holdout_group .* is not a regular expression"):
             load_config(None, [f"method.prn.holdout_group={bad}"])
+    with pytest.raises(RaysegbgError, match="bias_augment must be >= 0"):
+        load_config(None, ["method.prn.bias_augment=-1"])
     with pytest.raises(RaysegbgError, match="cross_fit trains its own bases"):
         load_config(None, ["method.prn.cross_fit=true", "method.prn.base_checkpoint=/x"])
     with pytest.raises(RaysegbgError, match="cross_fit needs method.prn.holdout > 0"):

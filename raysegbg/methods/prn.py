@@ -26,6 +26,7 @@ inference trains on the whole training split, and the refiner on all of it.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from functools import partial
 
 import numpy as np
@@ -383,7 +384,8 @@ class Prn(Method):
             losses = self._binary_losses(self._stage_base()[1](batch.images), batch.masks)
             losses["loss"] = losses.pop("total")
             return losses
-        logits, scores, prob = self._refine(batch.images, batch.ids)
+        offset = self._bias(batch, info) if self.params.bias_augment > 0 else None
+        logits, scores, prob = self._refine(batch.images, batch.ids, offset)
         pseudo, thresholds = self._targets(batch, prob)
         sums = {"pseudo": 0.0, "gt": 0.0}
         for head in self.heads:
@@ -428,12 +430,31 @@ class Prn(Method):
         logits, _, prob = self._refine(images)
         return logits, prob
 
-    def _refine(self, images: torch.Tensor, ids: list[str] | None = None):
+    def _bias(self, batch: Batch, info: StepInfo) -> torch.Tensor:
+        """(B, 1, H, W) `bias_augment` logit offsets: per image, one normal draw per largest
+        patch (bilinearly interpolated) plus one for the whole image, seeded by (run seed, step,
+        image id) so a resumed or multi-worker run draws the same."""
+        h, w = batch.images.shape[-2:]
+        p = max(self.params.patch_sizes)
+        grid = (-(-h // p), -(-w // p))
+        draws = []
+        for image_id in batch.ids:
+            key = f"{self.cfg.train.seed}:{info.step}:{image_id}".encode()
+            gen = torch.Generator().manual_seed(zlib.crc32(key))
+            draws.append(torch.randn(1, 1 + grid[0] * grid[1], generator=gen))
+        draws = torch.cat(draws).to(batch.images.device) * self.params.bias_augment
+        field = draws[:, 1:].view(-1, 1, *grid)
+        field = F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
+        return field + draws[:, :1, None, None]
+
+    def _refine(self, images: torch.Tensor, ids: list[str] | None = None, offset=None):
         """({head: foreground logit}, {patch: threshold scores}, base probability); `ids` of
-        training images (see `base_logit`). Threshold head -p's logit is the base logit shifted
-        by -logit(t), t the best-scored threshold of each p×p patch: it is positive where the
-        base probability reaches t."""
+        training images (see `base_logit`), `offset` added to the base logit (`_bias`).
+        Threshold head -p's logit is the base logit shifted by -logit(t), t the best-scored
+        threshold of each p×p patch: it is positive where the base probability reaches t."""
         base_logit = self.base_logit(images, ids)
+        if offset is not None:
+            base_logit = base_logit + offset
         prob = base_logit.sigmoid()
         x = torch.cat([prob, images], dim=1) if self.params.use_image else prob
         logits, scores = self.refiner(x, base_logit)
@@ -448,11 +469,12 @@ class Prn(Method):
         """({patch size: the batch's pseudo-labels}, the smallest size's threshold map), padded
         like the batch and ignored where the ground truth is. From the store; with
         `refine_augment`, searched on the augmented batch itself (the stored labels are of the
-        unaugmented images), from the same base probability the refiner reads."""
+        unaugmented images) and with `bias_augment` (they are of the unbiased logits), from the
+        same base probability the refiner reads."""
         ignored = batch.masks == self.ignore_index
         labels, maps = {}, {}
         for size in self.label_sizes:
-            if self.params.refine_augment:
+            if self.params.refine_augment or self.params.bias_augment > 0:
                 grid = threshold_grid(self.params.thresholds, prob.device)
                 fg = batch.masks == 1
                 labels[size], maps[size] = patch_pseudo_labels(prob[:, 0], fg, ~ignored, size, grid)
