@@ -113,15 +113,16 @@ class PrnParams:
     # refine on augmented crops (data.*: scale, crop, flips), pseudo-labels searched per batch
     refine_augment: bool = False
     # std (logits) of a random offset added to each refiner training image's base logit: one
-    # value per largest patch, bilinearly interpolated, plus one per image. The refiner learns to
-    # undo spatially biased logits; its pseudo-labels are then searched per batch. 0: off
-    bias_augment: float = 0.0
+    # value per largest patch plus one per image, so the refiner learns to undo logits biased by
+    # region (the stored labels stay exact targets: a constant shift only moves a patch's
+    # optimal threshold). 0: off
+    bias_augment: float = 1.0
     patch_sizes: tuple[int, ...] = (8, 16)  # one pseudo-label and local head per size
     thresholds: int = 20  # threshold grid 1/n, 2/n, ..., 1.0
     pseudo_weight: float = 0.7  # loss on the patch pseudo-labels
     gt_weight: float = 0.3  # loss on the ground truth
     dice_weight: float = 0.5  # soft Dice next to cross entropy in both
-    use_image: bool = False  # give the refiner the image next to the base probability
+    use_image: bool = True  # give the refiner the image next to the base probability
     residual: bool = True  # heads correct the base logit (and start as the base), else replace
     threshold_heads: bool = False  # also predict each patch's threshold (head t<p>)
     threshold_weight: float = 1.0  # loss on the threshold heads' expected patch IoU

@@ -188,7 +188,9 @@ def test_cross_fit_labels_every_training_image_with_a_base_that_never_saw_it(
         )
 
 
-def test_refine_augment_searches_the_labels_on_each_augmented_batch(contrast_data, tmp_path):
+def test_refine_augment_searches_labels_per_batch_and_bias_augment_keeps_the_stored_ones(
+    contrast_data, tmp_path
+):
     from dataclasses import replace
 
     from raysegbg.data.loader import SegDataset, eval_batches
@@ -226,14 +228,17 @@ def test_refine_augment_searches_the_labels_on_each_augmented_batch(contrast_dat
     )
     assert torch.equal(labels[8], expected.long())
 
-    # bias_augment: the refiner's training input is the base logit plus a seeded smooth offset
-    # (one draw per largest patch, interpolated, plus one per image), and the labels are
-    # searched on that shifted probability
+    # bias_augment: the refiner's training input is the base logit plus a seeded offset, one
+    # draw per largest patch (16 px) plus one per image; the labels stay the stored ones, which
+    # are still a per-patch threshold binarization of the shifted probability
     method.train()
     method.params = replace(method.params, refine_augment=False, bias_augment=1.0)
     info = StepInfo(step=7, epoch=0, lr_scale=1.0)
     offset = method._bias(batch, info)
     assert offset.shape == prob.shape and offset.std() > 0.3
+    tiles = offset.unfold(2, 16, 16).unfold(3, 16, 16)  # (B, 1, 2, 2, 16, 16)
+    assert torch.equal(tiles, tiles[..., :1, :1].expand_as(tiles))  # constant per patch
+    assert tiles[..., 0, 0].flatten(1).unique(dim=1).shape[1] > 1  # varies between patches
     assert torch.equal(offset, method._bias(batch, info))  # seeded by (seed, step, image id)
     swapped = Batch(batch.images.flip(0), batch.masks.flip(0), batch.ids[::-1])
     assert torch.equal(offset.flip(0), method._bias(swapped, info))
@@ -244,10 +249,14 @@ def test_refine_augment_searches_the_labels_on_each_augmented_batch(contrast_dat
     method(batch, info)
     shifted = (method.base_logit(batch.images) + offset).sigmoid()[:4, 0]
     torch.testing.assert_close(method.shown["base"], shifted)
-    expected, _ = patch_pseudo_labels(
-        shifted, batch.masks[:4] == 1, batch.masks[:4] != 255, 8, threshold_grid(20)
-    )
-    assert torch.equal(method.shown["pseudo"], expected.long())
+    assert torch.equal(method.shown["pseudo"], stored[8][:4])
+    for image in range(min(4, len(batch.ids))):
+        for y in range(0, 32, 8):
+            for x in range(0, 32, 8):
+                q = shifted[image, y : y + 8, x : x + 8]
+                label = stored[8][image, y : y + 8, x : x + 8]
+                if 0 < label.sum() < label.numel():  # the 1s are the highest probabilities
+                    assert q[label == 1].min() >= q[label == 0].max()
 
 
 def test_base_checkpoint_replaces_stage_one(contrast_data, tmp_path):

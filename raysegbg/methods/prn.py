@@ -432,8 +432,8 @@ class Prn(Method):
 
     def _bias(self, batch: Batch, info: StepInfo) -> torch.Tensor:
         """(B, 1, H, W) `bias_augment` logit offsets: per image, one normal draw per largest
-        patch (bilinearly interpolated) plus one for the whole image, seeded by (run seed, step,
-        image id) so a resumed or multi-worker run draws the same."""
+        patch plus one for the whole image, seeded by (run seed, step, image id) so a resumed or
+        multi-worker run draws the same."""
         h, w = batch.images.shape[-2:]
         p = max(self.params.patch_sizes)
         grid = (-(-h // p), -(-w // p))
@@ -444,7 +444,7 @@ class Prn(Method):
             draws.append(torch.randn(1, 1 + grid[0] * grid[1], generator=gen))
         draws = torch.cat(draws).to(batch.images.device) * self.params.bias_augment
         field = draws[:, 1:].view(-1, 1, *grid)
-        field = F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
+        field = F.interpolate(field, size=(grid[0] * p, grid[1] * p), mode="nearest")[..., :h, :w]
         return field + draws[:, :1, None, None]
 
     def _refine(self, images: torch.Tensor, ids: list[str] | None = None, offset=None):
@@ -469,12 +469,14 @@ class Prn(Method):
         """({patch size: the batch's pseudo-labels}, the smallest size's threshold map), padded
         like the batch and ignored where the ground truth is. From the store; with
         `refine_augment`, searched on the augmented batch itself (the stored labels are of the
-        unaugmented images) and with `bias_augment` (they are of the unbiased logits), from the
-        same base probability the refiner reads."""
+        unaugmented images), from the same base probability the refiner reads. A `bias_augment`
+        offset needs no new search: it is constant on each patch, and shifting a patch's logits
+        by a constant only moves its optimal threshold, so the stored label stays its best
+        binarization."""
         ignored = batch.masks == self.ignore_index
         labels, maps = {}, {}
         for size in self.label_sizes:
-            if self.params.refine_augment or self.params.bias_augment > 0:
+            if self.params.refine_augment:
                 grid = threshold_grid(self.params.thresholds, prob.device)
                 fg = batch.masks == 1
                 labels[size], maps[size] = patch_pseudo_labels(prob[:, 0], fg, ~ignored, size, grid)
