@@ -21,6 +21,12 @@ With `cross_fit`, stages 1-2 run twice, once per fold (the held-out share and th
 fold base trains on the other fold and labels its own, so every training image gets a
 pseudo-label and a refiner input from a base that never saw it; then the base that is refined at
 inference trains on the whole training split, and the refiner on all of it.
+
+While the refiner trains, `bias_augment` adds a seeded random offset to each image's base logit,
+one per largest patch plus one per image: made-up regional bias, which the refiner learns to
+undo on top of the base's own (small, on images like its training set) biases. The stored
+labels stay exact targets, since a constant shift only moves a patch's optimal threshold.
+`refine_augment` trains the refiner on augmented crops, with labels searched per batch.
 """
 
 from __future__ import annotations
