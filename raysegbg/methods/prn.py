@@ -60,6 +60,7 @@ from raysegbg.models import build_model
 from raysegbg.tb import colorize, image_to_uint8
 
 LABEL_CHUNK = 256  # images per call to the store
+SHOWN = 4  # training images per TensorBoard row set
 
 
 def head_name(head: int) -> str:
@@ -188,6 +189,7 @@ class Prn(Method):
         super().__init__(cfg, num_classes, in_channels, ignore_index)
         self.check_data(cfg, num_classes)
         self.params = p = cfg.method.prn
+        self.split = {"fraction": p.holdout, "group": p.holdout_group}  # the held-out share
         self.base = build_model(cfg.model, in_channels, 2)
         # cross_fit: fold base k trains without fold k and labels it (fold 1 = the held-out share)
         folds = range(2 if p.cross_fit else 0)
@@ -215,9 +217,8 @@ class Prn(Method):
     # -- stages ---------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
         p = self.params
-        split = {"fraction": p.holdout, "group": p.holdout_group}
-        held = partial(in_holdout, **split) if p.holdout > 0 else None
-        rest = partial(not_in_holdout, **split) if p.holdout > 0 else None
+        held = partial(in_holdout, **self.split) if p.holdout > 0 else None
+        rest = partial(not_in_holdout, **self.split) if p.holdout > 0 else None
         refine = Stage("refine", self.cfg.train.epochs, keep=held, augment=p.refine_augment)
         if not p.cross_fit:
             return [
@@ -314,8 +315,7 @@ class Prn(Method):
         with torch.no_grad():
             if ids is None or not len(self.fold_bases):
                 return _foreground_logit(self._stage_base()[1](images))
-            p = self.params
-            held = [in_holdout(i, p.holdout, p.holdout_group) for i in ids]
+            held = [in_holdout(i, **self.split) for i in ids]
             held = torch.tensor(held, device=images.device)
             out = torch.empty_like(images[:, :1], dtype=torch.float32)
             for fold, base in zip((held, ~held), self.fold_bases, strict=True):
@@ -472,31 +472,39 @@ class Prn(Method):
         return logits, scores, prob
 
     def _targets(self, batch: Batch, prob: torch.Tensor):
-        """({patch size: the batch's pseudo-labels}, the smallest size's threshold map), padded
-        like the batch and ignored where the ground truth is. From the store; with
-        `refine_augment`, searched on the augmented batch itself (the stored labels are of the
-        unaugmented images), from the same base probability the refiner reads. A `bias_augment`
-        offset needs no new search: it is constant on each patch, and shifting a patch's logits
-        by a constant only moves its optimal threshold, so the stored label stays its best
-        binarization."""
+        """({patch size: the batch's pseudo-labels}, the smallest size's threshold map of the
+        first `SHOWN` images, for TensorBoard), padded like the batch and ignored where the
+        ground truth is. From the store; with `refine_augment`, searched on the augmented batch
+        itself (the stored labels are of the unaugmented images), from the same base
+        probability the refiner reads. A `bias_augment` offset needs no new search: it is
+        constant on each patch, and shifting a patch's logits by a constant only moves its
+        optimal threshold, so the stored label stays its best binarization."""
         ignored = batch.masks == self.ignore_index
-        labels, maps = {}, {}
-        for size in self.label_sizes:
-            if self.params.refine_augment:
-                grid = threshold_grid(self.params.thresholds, prob.device)
-                fg = batch.masks == 1
-                labels[size], maps[size] = patch_pseudo_labels(prob[:, 0], fg, ~ignored, size, grid)
-                continue
-            labels[size] = torch.full_like(batch.masks, self.ignore_index)
-            maps[size] = torch.zeros_like(prob[:, 0])
-            for j, image_id in enumerate(batch.ids):
-                label, t = (torch.tensor(a) for a in self.labels[label_key(image_id, size)])
-                labels[size][j, : label.shape[0], : label.shape[1]] = label.to(batch.masks.device)
-                maps[size][j, : t.shape[0], : t.shape[1]] = t.to(prob.device)
+        shown = min(self.label_sizes)
+        if self.params.refine_augment:
+            grid = threshold_grid(self.params.thresholds, prob.device)
+            fg = batch.masks == 1
+            searched = {
+                size: patch_pseudo_labels(prob[:, 0], fg, ~ignored, size, grid)
+                for size in self.label_sizes
+            }
+            labels = {size: label for size, (label, _) in searched.items()}
+            thresholds = searched[shown][1][:SHOWN]
+        else:
+            labels = {}
+            thresholds = torch.zeros_like(prob[:SHOWN, 0])
+            for size in self.label_sizes:
+                labels[size] = torch.full_like(batch.masks, self.ignore_index)
+                for j, image_id in enumerate(batch.ids):
+                    label, t = self.labels[label_key(image_id, size)]
+                    h, w = label.shape
+                    labels[size][j, :h, :w] = torch.tensor(label).to(batch.masks.device)
+                    if size == shown and j < SHOWN:
+                        thresholds[j, :h, :w] = torch.tensor(t).to(prob.device)
         out = {
             k: torch.where(ignored, batch.masks, v.to(batch.masks.dtype)) for k, v in labels.items()
         }
-        return out, maps[min(self.label_sizes)]
+        return out, thresholds
 
     # -- inference ------------------------------------------------------------------------
     @staticmethod
@@ -546,12 +554,12 @@ class Prn(Method):
 
     # -- TensorBoard ----------------------------------------------------------------------
     def _stash(self, batch, prob, pseudo, thresholds, logits) -> None:
-        n = min(4, len(batch.ids))
+        n = min(SHOWN, len(batch.ids))
         head = min(self.label_sizes)
         refined = self.combine({k: v.detach() for k, v in logits.items()}, self.inference_head)
         self.shown = {
             "image": batch.images[:n].detach(), "base": prob[:n, 0].detach(),
-            "thresholds": thresholds[:n], "pseudo": pseudo[head][:n], "refined": refined[:n, 0],
+            "thresholds": thresholds, "pseudo": pseudo[head][:n], "refined": refined[:n, 0],
             "truth": batch.masks[:n],
         }  # fmt: skip
 
