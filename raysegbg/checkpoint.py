@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from raysegbg import storage
+from raysegbg.config import Config, load_config
 from raysegbg.errors import RaysegbgError
 from raysegbg.storage import Location
 
@@ -90,3 +91,13 @@ def pick_checkpoint(run_dir: Location, which: str = "best", score: str = "val/mi
         return -math.inf if v != v else v
 
     return max(found, key=lambda f: (value(f[1]), f[1]["epoch"]))[0]
+
+
+def run_config(run_dir: Location) -> Config:
+    """The config a run was trained with (its config.yaml, local or in an object store)."""
+    if not storage.is_uri(run_dir):
+        return load_config(Path(run_dir) / "config.yaml")
+    with tempfile.TemporaryDirectory(prefix="raysegbg-run-") as tmp:
+        local = Path(tmp) / "config.yaml"
+        local.write_bytes(storage.read_bytes(storage.join(run_dir, "config.yaml")))
+        return load_config(local)

@@ -7,9 +7,9 @@ lists the valid keys instead of a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from raysegbg.errors import RaysegbgError
+from raysegbg.registry import check_method_name, method_class, section_name, section_names
 
 
 @dataclass(frozen=True)
@@ -47,109 +48,49 @@ class ModelConfig:
     sync_bn: bool = True  # batch statistics over the global batch when workers > 1
 
 
-@dataclass(frozen=True)
-class BaselineParams:
-    """Plain supervised segmentation: cross entropy plus optional soft Dice."""
-
-    ce_weight: float = 1.0
-    dice_weight: float = 0.5
-    class_weights: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class McibiParams:
-    """Mining Contextual Information Beyond Image: a dataset-level class memory."""
-
-    dims: int = 64  # memory / pixel feature size
-    attention_dims: int = 32
-    # work at 1/stride of the image (labels are downsampled); 0: the finest power of two that
-    # leaves <= 32 x 32 positions on a training crop (the memory read attends over all of them)
-    feature_stride: int = 0
-    momentum: float = 0.9  # update rate of an entry toward the batch's class mean
-    momentum_follows_lr: bool = True  # momentum * lr/lr0, as in the reference
-    aggregation: str = "soft"  # soft | hard: how a pixel reads the memory
-    update: bool = True  # False = memory frozen at its (random) initial value (ablation)
-    stage1_weight: float = 0.4
-    stage2_weight: float = 1.0
-    consistency_weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class ColabParams:
-    """Context Label Learning: background split into K learned context classes."""
-
-    k: int = 3  # context subclasses of the background
-    update_interval: int = 4  # steps between meta-updates of the task generator
-    generator_encoder: str = "resnet18"
-    generator_depth: int = 3
-    generator_lr: float = 1e-3
-    virtual_lr: float = 0.01  # step size of the virtual SGD step of the segmentation net
-    dice_weight: float = 0.5  # soft Dice next to soft cross entropy
-    distance_weighting: bool = False  # push far-away background toward context 0
-    distance_max: int = 16  # pixels from the foreground at which the push is full
-    meta_update: bool = True  # False = a frozen random generator (the control)
-    meta_batch: str = "same"  # same | holdout: where the meta (ROI) loss is measured
-    meta_holdout: float = 0.2  # with holdout: share of the training split kept for meta batches
-
-
-@dataclass(frozen=True)
-class PrnParams:
-    """PatchRefineNet: a refiner trained on optimal patch-wise binarizations of a base model.
-
-    Three stages in one run: the base model (`base_epochs`), pseudo-labels on the held-out
-    images, then the refiner for `train.epochs` epochs.
-    """
-
-    base_epochs: int = 10
-    base_checkpoint: str = ""  # a baseline/prn run or checkpoint folder to use as the base
-    holdout: float = 0.5  # share of the training split kept from the base, for the refiner
-    # regex whose first group names an image's group: the holdout takes whole groups (e.g.
-    # blocks of slices, so the base never trained on a held-out slice's neighbours)
-    holdout_group: str = ""
-    # label every training image with a base that never saw it: two fold bases (trained on the
-    # rest and on the held-out share) label each other's images, the refiner trains on all of
-    # them, and the base it refines at inference trains on the whole split
-    cross_fit: bool = False
-    # refine on augmented crops (data.*: scale, crop, flips), pseudo-labels searched per batch
-    refine_augment: bool = False
-    # std (logits) of a random offset added to each refiner training image's base logit: one
-    # value per largest patch plus one per image, so the refiner learns to undo logits biased by
-    # region (the stored labels stay exact targets: a constant shift only moves a patch's
-    # optimal threshold). 0: off
-    bias_augment: float = 1.0
-    patch_sizes: tuple[int, ...] = (8, 16)  # one pseudo-label and local head per size
-    thresholds: int = 20  # threshold grid 1/n, 2/n, ..., 1.0
-    pseudo_weight: float = 0.7  # loss on the patch pseudo-labels
-    gt_weight: float = 0.3  # loss on the ground truth
-    dice_weight: float = 0.5  # soft Dice next to cross entropy in both
-    use_image: bool = True  # give the refiner the image next to the base probability
-    residual: bool = True  # heads correct the base logit (and start as the base), else replace
-    threshold_heads: bool = False  # also predict each patch's threshold (head t<p>)
-    threshold_weight: float = 1.0  # loss on the threshold heads' expected patch IoU
-    inference: str = "mean"  # mean of the heads | best: the head (or mean) best on validation
-    refiner_encoder: str = "resnet18"
-    refiner_depth: int = 3
+def param(default: Any, help: str) -> Any:
+    """A config field with its help text (`raysegbg.config.describe` lists them)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Which method trains the model, and each method's own parameters."""
+    """Which method trains the model, and its parameters: `method.<section>.*`, typed by the
+    method's own `Params` dataclass (see `raysegbg.registry`). The chosen method's section is
+    always there (defaults filled in); another method's section is kept, checked, when given
+    (a search over methods sets several)."""
 
     name: str = "baseline"
-    baseline: BaselineParams = field(default_factory=BaselineParams)
-    mcibi: McibiParams = field(default_factory=McibiParams)
-    colab: ColabParams = field(default_factory=ColabParams)
-    prn: PrnParams = field(default_factory=PrnParams)
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_method_name(self.name)
+        section = section_name(self.name)
+        if section not in self.sections:
+            filled = {**self.sections, section: _method_params(self.name, {}, section)}
+            object.__setattr__(self, "sections", filled)
+
+    def __getattr__(self, key: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if key in sections:
+            return sections[key]
+        raise AttributeError(f"no method section '{key}' in this config (method.{key}.*)")
+
+    @property
+    def params(self) -> Any:
+        """The chosen method's parameters."""
+        return self.sections[section_name(self.name)]
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | adam | sgd
     lr: float = 2e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
     schedule: str = "cosine"  # cosine | poly | constant
     warmup_steps: int = 0
+    clip_norm: float = 0.0  # clip each optimiser's gradient norm to this (0: no clipping)
 
 
 @dataclass(frozen=True)
@@ -222,7 +163,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise _type_error(value, tp, where)
-        return _build(tp, value, where)
+        return _method_config(value, where) if tp is MethodConfig else _build(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -261,17 +202,55 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
+def _method_config(values: dict[str, Any], where: str) -> MethodConfig:
+    """`method:` -> MethodConfig: the name, then each section typed by its method's Params."""
+    name = values.get("name", MethodConfig.name)
+    if not isinstance(name, str):
+        raise _type_error(name, str, f"{where}.name")
+    check_method_name(name)
+    known = {**section_names(), section_name(name): name}
+    sections = {}
+    for key, section in values.items():
+        if key == "name":
+            continue
+        if key not in known:
+            valid = ", ".join(f"{where}.{k}" for k in ["name", *known])
+            raise RaysegbgError(f"unknown config key '{where}.{key}': valid keys are {valid}")
+        if not isinstance(section, dict):
+            raise RaysegbgError(f"config key '{where}.{key}' must be a section of settings")
+        sections[key] = _method_params(known[key], section, key)
+    return MethodConfig(name, sections)
+
+
+def _method_params(name: str, values: dict[str, Any], section: str) -> Any:
+    params = getattr(method_class(name), "Params", None)
+    if params is None:
+        if values:
+            raise RaysegbgError(f"method {name} has no settings: drop method.{section}.*")
+        return None
+    return _build(params, values, f"method.{section}")
+
+
+def to_dict(cfg: Any) -> Any:
     """Plain-data view (tuples become lists) for YAML, JSON and Ray."""
+    if isinstance(cfg, MethodConfig):
+        return {"name": cfg.name, **{k: to_dict(v) for k, v in cfg.sections.items()}}
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(x) for k, x in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(x) for x in cfg]
+    return cfg
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
 
-    return plain(dataclasses.asdict(cfg))
+def describe(cls: type) -> list[tuple[str, Any, str]]:
+    """(key, default, help) of every field of a config dataclass."""
+    return [
+        (f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+         f.metadata.get("help", ""))
+        for f in dataclasses.fields(cls)
+    ]  # fmt: skip
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -330,55 +309,16 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that the types alone cannot express."""
-    from raysegbg.methods import check_method_name
-
-    check_method_name(cfg.method.name)
-    _check_choice("optim.name", cfg.optim.name, ("adamw", "sgd"))
-    _check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
-    _check_choice("method.mcibi.aggregation", cfg.method.mcibi.aggregation, ("soft", "hard"))
-    _check_choice("method.colab.meta_batch", cfg.method.colab.meta_batch, ("same", "holdout"))
-    _check_choice("method.prn.inference", cfg.method.prn.inference, ("best", "mean"))
-    prn = cfg.method.prn
+    """Cross-field checks that the types alone cannot express (a method's own settings are
+    checked by its Params dataclass)."""
+    check_choice("optim.name", cfg.optim.name, ("adamw", "adam", "sgd"))
+    check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
     checks = [
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
-        (bool(prn.patch_sizes), "method.prn.patch_sizes needs at least one size, e.g. [8,16]"),
-        (all(p >= 2 for p in prn.patch_sizes), "method.prn.patch_sizes must all be >= 2"),
-        (0 <= prn.holdout < 1, "method.prn.holdout must be in [0, 1), e.g. 0.5"),
-        (prn.threshold_weight >= 0, "method.prn.threshold_weight must be >= 0"),
-        (prn.bias_augment >= 0, "method.prn.bias_augment must be >= 0 (a std in logits, e.g. 1)"),
-        (
-            not (prn.cross_fit and prn.base_checkpoint),
-            "method.prn.cross_fit trains its own bases: drop method.prn.base_checkpoint or set "
-            "method.prn.cross_fit=false",
-        ),
-        (
-            not prn.cross_fit or prn.holdout > 0,
-            "method.prn.cross_fit needs method.prn.holdout > 0 (e.g. 0.5): its two folds are the "
-            "held-out share and the rest",
-        ),
-        (
-            _regex_with_group(prn.holdout_group),
-            f"method.prn.holdout_group {prn.holdout_group!r} is not a regular expression with a "
-            "group: write one like '(.*_z\\d\\d)\\d$' (the group names the image's group)",
-        ),
-        (
-            cfg.method.mcibi.feature_stride >= 0,
-            "method.mcibi.feature_stride must be >= 0 (0 picks one from data.crop_size)",
-        ),
-        (prn.thresholds >= 2, "method.prn.thresholds must be >= 2 (20 gives 0.05 ... 1.0)"),
-        (prn.base_epochs >= 1, "method.prn.base_epochs must be >= 1"),
-        (
-            prn.pseudo_weight >= 0 and prn.gt_weight >= 0 and prn.pseudo_weight + prn.gt_weight > 0,
-            "method.prn.pseudo_weight and gt_weight must be >= 0 and not both 0",
-        ),
-        (
-            0 < cfg.method.colab.meta_holdout < 1,
-            "method.colab.meta_holdout must be in (0, 1), e.g. 0.2",
-        ),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.scaling.workers >= 1, "scaling.workers must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.clip_norm >= 0, "optim.clip_norm must be >= 0 (0: no clipping)"),
         (0 < cfg.data.scale_min <= cfg.data.scale_max, "need 0 < data.scale_min <= scale_max"),
         (
             cfg.train.batch_size % cfg.scaling.workers == 0,
@@ -391,15 +331,13 @@ def validate(cfg: Config) -> None:
             raise RaysegbgError(message)
 
 
-def _regex_with_group(text: str) -> bool:
-    """Empty, or a regular expression with at least one group."""
-    try:
-        return not text or re.compile(text).groups >= 1
-    except re.error:
-        return False
+def check(ok: bool, message: str) -> None:
+    """For Params.__post_init__: raise the one-line `message` unless `ok`."""
+    if not ok:
+        raise RaysegbgError(message)
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise RaysegbgError(f"{key}={value!r} is not one of: {', '.join(choices)}")
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from raysegbg import storage
-from raysegbg.checkpoint import load_state, pick_checkpoint
-from raysegbg.config import Config, load_config
+from raysegbg.checkpoint import load_state, pick_checkpoint, run_config
+from raysegbg.config import Config
 from raysegbg.data.format import DatasetMeta, read_meta
 from raysegbg.data.loader import PAD_MULTIPLE, SegDataset, eval_batches
 from raysegbg.errors import RaysegbgError
@@ -42,16 +42,6 @@ def load_run(
     method = build_method(cfg, meta.num_classes, meta.channels, meta.ignore_index)
     method.load_state_dict(load_state(ckpt)["method"])
     return cfg, meta, method.eval(), ckpt
-
-
-def run_config(run_dir: Location) -> Config:
-    """The config a run was trained with (its config.yaml, local or in an object store)."""
-    if not storage.is_uri(run_dir):
-        return load_config(Path(run_dir) / "config.yaml")
-    with tempfile.TemporaryDirectory(prefix="raysegbg-run-") as tmp:
-        local = Path(tmp) / "config.yaml"
-        local.write_bytes(storage.read_bytes(storage.join(run_dir, "config.yaml")))
-        return load_config(local)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from typing import Any
 
 from raysegbg.checkpoint import list_checkpoints, load_state
 from raysegbg.config import Config, save_config
-from raysegbg.methods import method_class
+from raysegbg.registry import method_class
 from raysegbg.state.actor import SharedState
 from raysegbg.state.client import LocalStateClient
 from raysegbg.train import WorkerContext, train_worker

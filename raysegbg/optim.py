@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
 from raysegbg.config import OptimConfig
+from raysegbg.errors import RaysegbgError
+
+if TYPE_CHECKING:
+    from raysegbg.methods.base import Optim
+
+KINDS = ("adamw", "adam", "sgd")
 
 
-def make_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]):
-    params = [p for p in params if p.requires_grad]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def make_optimizer(cfg: OptimConfig, spec: Optim) -> torch.optim.Optimizer:
+    """A torch optimiser for a method's `Optim` (unset fields come from `optim.*`)."""
+    params = spec.parameters()
+    kind = spec.kind or cfg.name
+    lr = spec.lr if spec.lr is not None else cfg.lr
+    decay = spec.weight_decay if spec.weight_decay is not None else cfg.weight_decay
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=decay)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    raise RaysegbgError(f"optimiser {spec.name}: kind {kind!r} is not one of {', '.join(KINDS)}")
 
 
 def lr_scale(cfg: OptimConfig, step: int, total: int) -> float:

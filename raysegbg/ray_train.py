@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from raysegbg import storage
 from raysegbg.config import Config, from_dict, replace, save_config, to_dict
 from raysegbg.errors import RaysegbgError
-from raysegbg.methods import method_class
+from raysegbg.registry import method_class
 from raysegbg.state import actor as state_actor
 from raysegbg.storage import Location
 

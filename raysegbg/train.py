@@ -17,17 +17,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raysegbg import dist
 from raysegbg.checkpoint import checkpoint_name, save_checkpoint, save_shared
 from raysegbg.config import Config, to_dict
-from raysegbg.data.loader import SegDataset, TrainLoader, eval_batches, steps_per_epoch
-from raysegbg.methods import method_class
+from raysegbg.data.format import read_meta
+from raysegbg.data.loader import (
+    UNLABELED_SEED,
+    SegDataset,
+    StreamLoader,
+    TrainLoader,
+    eval_batches,
+    steps_per_epoch,
+    stream_dataset,
+)  # fmt: skip
 from raysegbg.methods.base import Batch, Method, StageRun, StepInfo
 from raysegbg.metrics import confusion, summarize
 from raysegbg.models import convert_global_bn
-from raysegbg.optim import lr_scale, make_optimizer
+from raysegbg.optim import lr_scale
+from raysegbg.registry import method_class
+from raysegbg.step import StepRunner
 from raysegbg.tb import RunWriter, flat_hparams, triptych_grid
 
 LOG_EVERY = 10  # steps between per-step TensorBoard points
@@ -52,33 +61,36 @@ def build_method(cfg: Config, num_classes: int, channels: int, ignore_index: int
 
 
 class Trainer:
-    """State of one worker's run: model, optimiser, data, and the epoch/step counters."""
+    """State of one worker's run: the method, its stage's data and optimisers, the counters.
 
-    def __init__(self, cfg: Config, ctx: WorkerContext):
+    Starts at the first stage, or where the checkpoint `state` ended.
+    """
+
+    def __init__(self, cfg: Config, ctx: WorkerContext, state: dict[str, Any] | None = None):
         self.cfg, self.ctx = cfg, ctx
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        cls = method_class(cfg.method.name)
-        self.train_ds = SegDataset(
-            cfg.data.path, "train", labeled_only=not cls.uses_unlabeled, cache=cfg.data.cache
-        )
-        self.val_ds = SegDataset(cfg.data.path, cfg.data.val_split, cache=cfg.data.cache)
-        meta = self.train_ds.meta
-        self.meta = meta
+        self.meta = meta = read_meta(cfg.data.path)
         self.method = build_method(cfg, meta.num_classes, meta.channels, meta.ignore_index)
         if ctx.world_size > 1 and cfg.model.sync_bn:
             convert_global_bn(self.method, ctx.device.type == "cuda")
         self.method.to(ctx.device)
+        self.streams = self.method.streams()
+        self.train_ds = stream_dataset(cfg.data.path, self.streams["train"], cfg.data.cache)
+        unlabeled = self.streams.get("unlabeled")
+        self.unlabeled_ds = unlabeled and stream_dataset(cfg.data.path, unlabeled, cfg.data.cache)
+        self.val_ds = SegDataset(cfg.data.path, cfg.data.val_split, cache=cfg.data.cache)
         self.amp_dtype = _amp_dtype(cfg, ctx.device)
-        use_scaler = self.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
         self.epoch, self.step, self.best = 0, 0, -math.inf
-        self.extra: dict[str, float] = {}  # latest method scalars (e.g. a meta loss)
+        self.extra: dict[str, float] = {}  # latest per-step method scalars (e.g. a meta loss)
         self.stages = self.method.stages()  # a one-shot stage takes one epoch slot
         slots = [max(1, stage.epochs) for stage in self.stages]
         self.stage_starts = list(itertools.accumulate(slots, initial=0))
         self.total_epochs = self.stage_starts[-1]
         self.stage_index = -1
-        self.enter_stage(0)
+        if state is None:
+            self.enter_stage(0)
+        else:
+            self.load_state_dict(state)
 
     # -- stages ---------------------------------------------------------------------------
     def stage_of(self, epoch: int) -> int:
@@ -90,9 +102,9 @@ class Trainer:
                         self.train_ds)  # fmt: skip
 
     def enter_stage(self, index: int, step0: int | None = None) -> None:
-        """Data, optimiser and DDP wrapper of stage `index` (each stage trains its own
-        parameters on its own share of the training split, with its own lr schedule)."""
-        cfg, ctx, stage = self.cfg, self.ctx, self.stages[index]
+        """Data and optimisers of stage `index` (each stage trains its own parameters on its
+        own share of the training split, with its own lr schedule)."""
+        cfg, stage = self.cfg, self.stages[index]
         self.stage_index, self.stage = index, stage
         keep = stage.keep
         self.stage_ds = self.train_ds if keep is None else self.train_ds.subset(keep)
@@ -103,48 +115,37 @@ class Trainer:
         self.total_steps = self.steps * stage.epochs
         self.stage_step0 = self.step if step0 is None else step0
         data = cfg.data if stage.augment else replace(cfg.data, augment=False, crop_size=0)
-        self.loader = TrainLoader(
-            self.stage_ds, data, cfg.train.batch_size, self.steps, cfg.train.seed,
-            ctx.rank, ctx.world_size,
-        )  # fmt: skip
-        self.model = None  # the previous stage's DDP wrapper goes before a new one is built
-        training = stage.epochs > 0  # a one-shot stage trains nothing: no optimiser, no DDP
-        self.model = self._wrap(self.method) if training else self.method
-        params = self.method.optim_parameters()
-        self.optimizer = make_optimizer(cfg.optim, params) if training else None
+        main = self._loader(self.stage_ds, self.streams["train"], data, cfg.train.seed)
+        extra = self.streams.get("unlabeled")
+        seed = cfg.train.seed + UNLABELED_SEED
+        self.loader = StreamLoader(
+            main, extra and self._loader(self.unlabeled_ds, extra, data, seed)
+        )
+        self.runner = None  # the previous stage's DDP wrappers go before new ones are built
+        if stage.epochs > 0:  # a one-shot stage trains nothing: no optimiser, no DDP
+            specs = self.method.optimizers(stage)
+            self.runner = StepRunner(specs, cfg.optim, self.ctx.device, self.amp_dtype)
 
-    def _wrap(self, method: Method) -> torch.nn.Module:
-        if self.ctx.world_size == 1:
-            return method
-        ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        ignored = [
-            f"{prefix}.{name}"
-            for prefix in method.ddp_ignored_modules()
-            for name, _ in [*method.get_submodule(prefix).named_parameters(),
-                            *method.get_submodule(prefix).named_buffers()]
-        ]  # fmt: skip
-        DDP._set_params_and_buffers_to_ignore_for_model(method, ignored)
-        return DDP(method, device_ids=ids, find_unused_parameters=False)
+    def _loader(self, dataset: SegDataset, stream, data, seed: int) -> TrainLoader:
+        ctx = self.ctx
+        batch = stream.batch_size or self.cfg.train.batch_size
+        return TrainLoader(dataset, data, batch, self.steps, seed, ctx.rank, ctx.world_size,
+                           image_labels=stream.image_labels)  # fmt: skip
 
     # -- one step / one epoch -------------------------------------------------------------
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         scale = lr_scale(self.cfg.optim, self.step - self.stage_step0, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.optim.lr * scale
-        batch = _to_device(batch, self.ctx.device)
+        self.runner.set_lr(scale)
+        batch = batch.to(self.ctx.device)
         self.method.train()
-        info = StepInfo(self.step, self.epoch, scale)
-        extra = self.method.before_step(batch, info)
+        info = self.runner.info = StepInfo(self.step, self.epoch, scale)
         with torch.autocast(self.ctx.device.type, self.amp_dtype, enabled=bool(self.amp_dtype)):
-            losses = self.model(batch, info)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            losses = self.method.training_step(batch, self.runner)
+        self.extra.update(self.method.after_step(batch, info))
+        self.extra.update(self.runner.logged)
         self.step += 1
         if self.ctx.state is not None:
             self.ctx.state.after_step(self.step, self.method)
-        self.extra.update(extra)
         return {k: v.detach() for k, v in losses.items()}
 
     def train_epoch(self, writer: RunWriter) -> dict[str, float]:
@@ -156,7 +157,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.float()
             if self.ctx.rank == 0 and (self.step - 1) % LOG_EVERY == 0:
                 writer.scalars({"train/loss": losses["loss"].item()}, self.step)
-                writer.scalars({"lr": self.optimizer.param_groups[0]["lr"]}, self.step)
+                writer.scalars({"lr": self.runner.lr()}, self.step)
                 writer.scalars(self.extra, self.step, prefix="train/")
         seconds = time.perf_counter() - start
         names = sorted(sums)
@@ -182,7 +183,7 @@ class Trainer:
         """This rank's share of the validation split, on the device."""
         cfg, ctx = self.cfg, self.ctx
         for batch in eval_batches(self.val_ds, cfg.train.val_batch_size, ctx.rank, ctx.world_size):
-            yield _to_device(batch, ctx.device)
+            yield batch.to(ctx.device)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], Any]:
@@ -206,29 +207,33 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-            "scaler": self.scaler.state_dict(),
+            "optimizers": self.runner.state_dict() if self.runner else None,
             "epoch": self.epoch,
             "step": self.step,
             "best": self.best,
             "stage": self.stage_index,
             "stage_step0": self.stage_step0,
+            "rng": torch.get_rng_state(),
             "config": to_dict(self.cfg),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the checkpoint's epoch: in its stage with its optimiser states, or
+        at the start of the next stage; the global RNG as it was when the checkpoint was
+        written, so a resumed run draws what an uninterrupted one does."""
         self.method.load_state_dict(state["method"])
-        self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"] + 1, state["step"], state["best"]
         if self.ctx.state is not None and state.get("shared"):
             self.ctx.state.restore(state["shared"])  # the actor goes back to this checkpoint
         index, saved = self.stage_of(self.epoch), state.get("stage", 0)
         if index != saved:  # the checkpoint ended a stage: the next one starts afresh
+            torch.set_rng_state(state["rng"])
             self.enter_stage(index)
             return
         self.enter_stage(index, state.get("stage_step0", 0))
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        if self.runner is not None:
+            self.runner.load_state_dict(state["optimizers"])
+        torch.set_rng_state(state["rng"])
 
 
 def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -237,21 +242,11 @@ def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    return Batch(
-        batch.images.to(device, non_blocking=True), batch.masks.to(device, non_blocking=True),
-        batch.ids,
-    )  # fmt: skip
-
-
 def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
     """Train from the last checkpoint (if any) to `cfg.train.epochs`; returns the last metrics."""
-    trainer = Trainer(cfg, ctx)
     state = ctx.restore()
+    trainer = Trainer(cfg, ctx, state)
     if state is not None:
-        trainer.load_state_dict(state)
         ctx.log(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step})")
     if trainer.epoch >= trainer.total_epochs:
         return _already_done(trainer)

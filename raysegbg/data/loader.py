@@ -20,11 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from raysegbg.config import DataConfig
+from raysegbg.data.batch import Batch, Stream
 from raysegbg.data.format import DatasetMeta, decode_png, read_meta, read_split
 from raysegbg.errors import RaysegbgError
-from raysegbg.methods.base import Batch
 
 PAD_MULTIPLE = 32  # smp encoders downsample up to 32x
+ROWS = {"labeled": ("labeled",), "unlabeled": ("unlabeled",), "all": ("labeled", "unlabeled")}
+
+
+def _row_kind(mask: bytes | None) -> str:
+    return "unlabeled" if mask is None else "labeled"
 
 
 def in_holdout(image_id: str, fraction: float, group: str = "") -> bool:
@@ -42,24 +47,35 @@ def not_in_holdout(image_id: str, fraction: float, group: str = "") -> bool:
 
 
 class SegDataset:
-    """One split of a dataset: PNG bytes in memory, decoded (and cached) on first use."""
+    """One split of a dataset: PNG bytes in memory, decoded (and cached) on first use.
 
-    def __init__(self, path: str | Path, split: str, *, labeled_only: bool = True, cache=True):
+    `rows` picks `labeled` rows (with a mask), `unlabeled` ones or `all`; `masks=False` hides
+    every mask (weak supervision), and each row's image-level labels are kept in `labels`.
+    """
+
+    def __init__(
+        self, path: str | Path, split: str, *, rows: str = "labeled", masks: bool = True,
+        cache: bool = True,
+    ):  # fmt: skip
+        if rows not in ROWS:
+            raise RaysegbgError(f"rows={rows!r}: use one of {', '.join(ROWS)}")
         self.meta: DatasetMeta = read_meta(path)
-        table = read_split(path, split, columns=["id", "image", "mask"])
+        table = read_split(path, split, columns=["id", "image", "mask", "image_labels"])
         ids = table.column("id").to_pylist()
         images = table.column("image").to_pylist()
-        masks = table.column("mask").to_pylist()
-        keep = [i for i, m in enumerate(masks) if m is not None or not labeled_only]
+        masks_col = table.column("mask").to_pylist()
+        labels = table.column("image_labels").to_pylist()
+        keep = [i for i, m in enumerate(masks_col) if _row_kind(m) in ROWS[rows]]
         if not keep:
             raise RaysegbgError(
-                f"split '{split}' of {path} has no labeled samples: import masks or "
-                "raise the labeled fraction"
+                f"split '{split}' of {path} has no {rows} samples: import masks, or change "
+                "the labeled fraction (`raysegbg data make ... --labeled-fraction`)"
             )
         self.split = split
         self.ids = [ids[i] for i in keep]
         self._images = [images[i] for i in keep]
-        self._masks = [masks[i] for i in keep]
+        self._masks = [masks_col[i] if masks else None for i in keep]
+        self.labels = [tuple(labels[i] or ()) for i in keep]
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -77,7 +93,15 @@ class SegDataset:
         out.ids = [self.ids[i] for i in picked]
         out._images = [self._images[i] for i in picked]
         out._masks = [self._masks[i] for i in picked]
+        out.labels = [self.labels[i] for i in picked]
         out._cache = {} if self._cache is not None else None
+        return out
+
+    def multi_hot(self, indices: list[int]) -> torch.Tensor:
+        """(len(indices), num_classes) float 0/1 image-level labels of those rows."""
+        out = torch.zeros(len(indices), self.meta.num_classes)
+        for row, i in enumerate(indices):
+            out[row, list(self.labels[i])] = 1.0
         return out
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +187,7 @@ class TrainLoader:
     seed: int
     rank: int = 0
     world: int = 1
+    image_labels: bool = False  # attach the rows' image-level labels
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         order = self._order(epoch)
@@ -196,7 +221,9 @@ class TrainLoader:
             image, mask = self.dataset[index]
             items.append(augment(image, mask, self.cfg, gen, ignore))
         images, masks = collate(items, ignore)
-        return Batch(images, masks, [self.dataset.ids[i] for _, i in picks])
+        indices = [i for _, i in picks]
+        labels = self.dataset.multi_hot(indices) if self.image_labels else None
+        return Batch(images, masks, [self.dataset.ids[i] for i in indices], labels)
 
 
 def eval_batches(dataset: SegDataset, batch_size: int, rank: int = 0, world: int = 1):
@@ -210,3 +237,28 @@ def eval_batches(dataset: SegDataset, batch_size: int, rank: int = 0, world: int
 
 def steps_per_epoch(n: int, global_batch: int, configured: int) -> int:
     return configured if configured > 0 else max(1, n // global_batch)
+
+
+UNLABELED_SEED = 7_919  # the unlabeled stream's order is its own, not the labeled one's
+
+
+class StreamLoader:
+    """The method's streams together: each step, this rank's share of the main stream's
+    global batch with the unlabeled stream's share attached (`Batch.unlabeled`). Every stream
+    has its own rows, per-step count and seeded order, so W workers still see what one sees."""
+
+    def __init__(self, main: TrainLoader, unlabeled: TrainLoader | None = None):
+        self.main, self.unlabeled = main, unlabeled
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if self.unlabeled is None:
+            yield from self.main.epoch(epoch)
+            return
+        for batch, extra in zip(self.main.epoch(epoch), self.unlabeled.epoch(epoch), strict=True):
+            batch.unlabeled = extra
+            yield batch
+
+
+def stream_dataset(path: str | Path, stream: Stream, cache: bool) -> SegDataset:
+    """The training split's rows of one stream."""
+    return SegDataset(path, "train", rows=stream.rows, masks=stream.masks, cache=cache)

@@ -1,46 +1,94 @@
-"""The small interface every method implements; the training loop knows nothing else."""
+"""The small interface every method implements; the training loop knows nothing else.
+
+A method is an `nn.Module` that owns its networks and says, per stage, which optimisers train
+what (`optimizers`), which rows it reads (`streams`) and how one step goes (`training_step`).
+The loop does what is generic: lr schedules, autocast and gradient scaling, the gradient
+all-reduce (DDP, or by hand for modules outside DDP), clipping, logging and checkpoints. Most
+methods only write `forward(batch, info) -> losses` and inherit the one-optimiser step.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from raysegbg.config import Config
+from raysegbg.data.batch import Batch, Stream
 
-
-@dataclass
-class Batch:
-    """One rank's share of a global batch (unlabeled rows only when the method asks)."""
-
-    images: torch.Tensor  # (B, C, H, W) float
-    masks: torch.Tensor  # (B, H, W) long, ignore_index where unknown
-    ids: list[str]
+__all__ = ["Batch", "Method", "Optim", "Stage", "StageRun", "Step", "StepInfo", "Stream"]
 
 
 @dataclass
 class StepInfo:
     step: int  # global optimisation step, 0-based
     epoch: int
-    lr_scale: float  # current lr / base lr (some methods tie momenta to it)
+    lr_scale: float  # current lr / base lr of the run's schedule (some methods tie momenta to it)
 
 
 @dataclass(frozen=True)
 class Stage:
     """One stage of a method, run in order by the same entry point, each checkpointed.
 
-    A training stage (`epochs` > 0) trains `optim_parameters()` for that many epochs; a one-shot
-    stage (`epochs` == 0) runs `Method.run_stage` once and counts as one epoch (it is reported
-    and checkpointed like one).
+    A training stage (`epochs` > 0) trains the stage's `optimizers()` for that many epochs; a
+    one-shot stage (`epochs` == 0) runs `Method.run_stage` once and counts as one epoch (it is
+    reported and checkpointed like one). Methods subclass it to say what a stage does.
     """
 
     name: str
     epochs: int = 0
     keep: Callable[[str], bool] | None = None  # which training-split ids it sees (None: all)
     augment: bool = True  # False: whole images, no crop/scale/flip
+
+
+@dataclass(frozen=True)
+class Optim:
+    """One optimiser of a stage: what it trains and how.
+
+    `module` is what DDP wraps (when workers > 1) and what `Step.module(name)` calls; `params`
+    (default: the module's trainable parameters) is what the optimiser updates, and DDP
+    ignores the module's other parameters. With `ddp=False` the module is not wrapped and the
+    loop all-reduces the optimiser's gradients after each backward (for gradients that are not
+    a plain forward/backward, e.g. a meta-gradient). `lr`, `kind` and `weight_decay` default
+    to `optim.*`; `schedule=False` keeps the lr constant instead of following `optim.schedule`.
+    """
+
+    name: str
+    module: nn.Module
+    params: tuple[nn.Parameter, ...] | None = None
+    lr: float | None = None
+    kind: str | None = None  # adamw | adam | sgd
+    weight_decay: float | None = None
+    schedule: bool = True
+    ddp: bool = True
+
+    def parameters(self) -> list[nn.Parameter]:
+        params = self.module.parameters() if self.params is None else self.params
+        return [p for p in params if p.requires_grad]
+
+
+class Step(Protocol):
+    """What a training step may ask of the loop (see `raysegbg.train.StepRunner`)."""
+
+    info: StepInfo
+
+    def module(self, name: str) -> nn.Module:
+        """Optimiser `name`'s module, DDP-wrapped when it is: call it for the forward pass."""
+
+    def backward(self, loss: torch.Tensor, *names: str) -> None:
+        """Clear the named optimisers' gradients, then back-propagate `loss` (AMP-scaled)."""
+
+    def step(self, *names: str) -> None:
+        """All-reduce (outside DDP), unscale, clip and apply the named optimisers' gradients."""
+
+    def optimize(self, loss: torch.Tensor, *names: str) -> None:
+        """`backward` then `step`."""
+
+    def log(self, **scalars: float) -> None:
+        """Scalars of this step for TensorBoard (`train/<name>`, every few steps)."""
 
 
 @dataclass
@@ -59,16 +107,17 @@ class StageRun:
 class Method(nn.Module):
     """A segmentation method: owns its networks, computes its losses, predicts logits.
 
-    `forward` returns a dict of named losses with the total under "loss"; it is what DDP wraps,
-    so every parameter that gets gradients must be reached through it.
+    `Params` is the frozen dataclass of its settings (`method.<name>.*`, with defaults, help
+    and validation in `__post_init__`), found by the config through the registry.
     """
 
-    uses_unlabeled = False
-    needs_shared_state = False  # memories / pseudo-labels hosted by the run's state actor
+    Params: ClassVar[type | None] = None
+    needs_shared_state: ClassVar[bool] = False  # memories / pseudo-labels in the state actor
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__()
         self.cfg = cfg
+        self.params = cfg.method.params
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.ignore_index = ignore_index
@@ -77,36 +126,43 @@ class Method(nn.Module):
     def check_data(cls, cfg: Config, num_classes: int) -> None:
         """Reject a dataset the method cannot train on (called before Ray starts)."""
 
-    def forward(self, batch: Batch, info: StepInfo) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes, H, W) for evaluation and inference."""
-        raise NotImplementedError
-
-    def optim_parameters(self):
-        """Parameters of the main optimiser (methods with their own inner optimiser narrow it)."""
-        return self.parameters()
-
-    def ddp_ignored_modules(self) -> list[str]:
-        """Submodules DDP must not synchronise (their gradients are reduced by the method)."""
-        return []
-
+    # -- what the loop asks, per stage ----------------------------------------------------
     def stages(self) -> list[Stage]:
         """The stages run in order; most methods have one."""
         return [Stage("train", self.cfg.train.epochs)]
 
+    def streams(self) -> dict[str, Stream]:
+        """The rows read each step: `train` (whose length sets the epoch) and, optionally,
+        `unlabeled` (attached as `batch.unlabeled`)."""
+        return {"train": Stream()}
+
+    def optimizers(self, stage: Stage) -> list[Optim]:
+        """The optimisers of a training stage; the default trains every parameter."""
+        return [Optim("main", self)]
+
     def enter_stage(self, stage: Stage, run: StageRun) -> None:
         """Runs on every rank when a stage starts (or a run resumes inside it), before the
-        stage's optimiser is built: e.g. choose which networks train, load pseudo-labels."""
+        stage's optimisers are built: e.g. choose which networks train, load pseudo-labels."""
 
     def run_stage(self, stage: Stage, run: StageRun) -> dict[str, float]:
         """The work of a one-shot stage (every rank calls it); returns scalars to report."""
         raise NotImplementedError(f"{type(self).__name__} has no one-shot stage '{stage.name}'")
 
-    def before_step(self, batch: Batch, info: StepInfo) -> dict[str, float]:
-        """Runs on the unwrapped method before each training step (e.g. a meta-update);
-        returns scalars to log. Every rank calls it at the same steps."""
+    # -- one step ---------------------------------------------------------------------------
+    def training_step(self, batch: Batch, step: Step) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns named losses (the total under "loss") to log. The
+        default: `forward` through the (DDP-wrapped) method, one optimiser."""
+        losses = step.module("main")(batch, step.info)
+        step.optimize(losses["loss"], "main")
+        return losses
+
+    def forward(self, batch: Batch, info: StepInfo) -> dict[str, torch.Tensor]:
+        """The losses of the default training step: a dict with the total under "loss"."""
+        raise NotImplementedError
+
+    def after_step(self, batch: Batch, info: StepInfo) -> dict[str, float]:
+        """Runs on every rank after the optimisers stepped (e.g. a memory or EMA update);
+        returns scalars to log."""
         return {}
 
     def after_epoch(self, val_batches: Callable[[], Any]) -> dict[str, float]:
@@ -114,6 +170,11 @@ class Method(nn.Module):
         yields this rank's validation batches (on the device). Returns scalars to report."""
         return {}
 
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes, H, W) for evaluation and inference."""
+        raise NotImplementedError
+
+    # -- TensorBoard ------------------------------------------------------------------------
     def tb_histograms(self) -> dict:
         """Method-specific histograms for TensorBoard (tag -> 1-D array), once per epoch."""
         return {}
@@ -121,7 +182,3 @@ class Method(nn.Module):
     def tb_images(self) -> dict:
         """Method-specific images for TensorBoard (tag -> H×W×3 uint8), once per epoch."""
         return {}
-
-    def shared_state(self) -> list[str]:
-        """Names of the shared-state entries (memories, pseudo-label stores) this method uses."""
-        return []

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from raysegbg.config import Config
+from raysegbg.config import Config, check, param
 from raysegbg.methods.base import Batch, Method, StepInfo
 from raysegbg.methods.losses import cross_entropy, soft_dice
 from raysegbg.models import build_model
 
 
+@dataclass(frozen=True)
+class BaselineParams:
+    """Plain supervised segmentation: cross entropy plus optional soft Dice."""
+
+    ce_weight: float = param(1.0, "weight of the pixel cross entropy")
+    dice_weight: float = param(0.5, "weight of the soft Dice of the foreground classes")
+    class_weights: tuple[float, ...] = param((), "per-class cross-entropy weights (empty: 1)")
+
+    def __post_init__(self) -> None:
+        check(self.ce_weight >= 0 and self.dice_weight >= 0,
+              "method.baseline.ce_weight and dice_weight must be >= 0")  # fmt: skip
+        check(all(w >= 0 for w in self.class_weights),
+              "method.baseline.class_weights must all be >= 0")  # fmt: skip
+
+
 class Baseline(Method):
+    Params = BaselineParams
+
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)
-        self.params = cfg.method.baseline
         self.net = build_model(cfg.model, in_channels, num_classes)
         weights = self.params.class_weights
+        if weights and len(weights) != num_classes:
+            from raysegbg.errors import RaysegbgError
+
+            raise RaysegbgError(
+                f"method.baseline.class_weights has {len(weights)} values but the dataset has "
+                f"{num_classes} classes: give one weight per class"
+            )
         self.register_buffer(
             "class_weights", torch.tensor(weights, dtype=torch.float32) if weights else None
         )

@@ -15,8 +15,8 @@ inference every context channel is background.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -25,14 +25,40 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from raysegbg import dist
-from raysegbg.config import Config
+from raysegbg.config import Config, check, check_choice, param
 from raysegbg.data.loader import TrainLoader, in_holdout, not_in_holdout
-from raysegbg.methods.base import Batch, Method, Stage, StageRun, StepInfo
+from raysegbg.methods.base import Batch, Method, Optim, Stage, StageRun, Step, StepInfo
 from raysegbg.methods.losses import soft_dice, upcast
 from raysegbg.models import build_model, local_batch_norm
 
 CONTEXT_COLOURS = np.array([[40, 40, 160], [40, 160, 40], [200, 120, 30], [150, 40, 150],
                             [40, 150, 150], [160, 160, 40]], np.uint8)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ColabParams:
+    """Context Label Learning: background split into K learned context classes."""
+
+    k: int = param(3, "context subclasses of the background")
+    update_interval: int = param(4, "steps between meta-updates of the task generator")
+    generator_encoder: str = param("resnet18", "smp encoder of the task generator")
+    generator_depth: int = param(3, "encoder depth of the task generator")
+    generator_lr: float = param(1e-3, "Adam lr of the task generator (constant)")
+    virtual_lr: float = param(0.01, "step size of the virtual SGD step of the segmentation net")
+    dice_weight: float = param(0.5, "soft Dice next to soft cross entropy")
+    distance_weighting: bool = param(False, "push far-away background toward context 0")
+    distance_max: int = param(16, "pixels from the foreground at which the push is full")
+    meta_update: bool = param(True, "false: a frozen random generator (the control)")
+    meta_batch: str = param("same", "same | holdout: where the meta (ROI) loss is measured")
+    meta_holdout: float = param(0.2, "with holdout: share of the training split for meta batches")
+
+    def __post_init__(self) -> None:
+        check_choice("method.colab.meta_batch", self.meta_batch, ("same", "holdout"))
+        check(0 < self.meta_holdout < 1, "method.colab.meta_holdout must be in (0, 1), e.g. 0.2")
+        check(self.k >= 1, "method.colab.k must be >= 1 (context subclasses)")
+        check(self.update_interval >= 1, "method.colab.update_interval must be >= 1 (steps)")
+        check(self.generator_lr > 0 and self.virtual_lr > 0,
+              "method.colab.generator_lr and virtual_lr must be > 0")  # fmt: skip
 
 
 def collapse(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,9 +98,11 @@ def distance_from_foreground(masks: torch.Tensor, limit: int) -> torch.Tensor:
 
 
 class Colab(Method):
+    Params = ColabParams
+
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)
-        p = self.params = cfg.method.colab
+        p = self.params
         self.k = p.k
         self.net = build_model(cfg.model, in_channels, num_classes - 1 + p.k)
         gen_cfg = dataclasses.replace(
@@ -82,7 +110,6 @@ class Colab(Method):
             decoder_channels=(32, 16, 8, 8, 8)[: p.generator_depth], weights_path="",
         )  # fmt: skip
         self.generator = build_model(gen_cfg, in_channels, p.k)
-        self._generator_opt: torch.optim.Optimizer | None = None
         self.meta_loader: TrainLoader | None = None  # meta_batch=holdout: held-out batches
         self.shown: dict[str, torch.Tensor] = {}
 
@@ -90,23 +117,6 @@ class Colab(Method):
     def generator_params(self) -> list[torch.nn.Parameter]:
         """Looked up each time: the loop may swap BatchNorm layers (global BN) after init."""
         return [q for q in self.generator.parameters() if q.requires_grad]
-
-    @property
-    def generator_opt(self) -> torch.optim.Optimizer:
-        if self._generator_opt is None:  # created on first use, on the final parameters
-            self._generator_opt = torch.optim.Adam(
-                self.generator_params, lr=self.params.generator_lr
-            )
-        return self._generator_opt
-
-    def get_extra_state(self) -> dict:
-        """The generator's Adam state travels with the weights (checkpoints, resume)."""
-        opt = self._generator_opt  # a copy: Adam's state_dict hands out its live tensors
-        return {"generator_opt": copy.deepcopy(opt.state_dict()) if opt else {}}
-
-    def set_extra_state(self, state: dict) -> None:
-        if state.get("generator_opt"):
-            self.generator_opt.load_state_dict(state["generator_opt"])
 
     # -- what the training loop and DDP see ----------------------------------------------
     def stages(self) -> list[Stage]:
@@ -125,11 +135,15 @@ class Colab(Method):
         self.meta_loader = TrainLoader(held, cfg.data, cfg.train.batch_size, steps,
                                        cfg.train.seed + 1, run.rank, run.world_size)  # fmt: skip
 
-    def ddp_ignored_modules(self) -> list[str]:
-        return ["generator"]  # trained by the meta-gradient, averaged over ranks by hand
-
-    def optim_parameters(self):
-        return self.net.parameters()
+    def optimizers(self, stage: Stage) -> list[Optim]:
+        """The segmentation net (DDP), and the generator: Adam at a constant lr, outside DDP
+        (its gradient is a meta-gradient), averaged over ranks by the loop."""
+        p = self.params
+        return [
+            Optim("main", self, params=tuple(self.net.parameters())),
+            Optim("generator", self.generator, lr=p.generator_lr, kind="adam", weight_decay=0.0,
+                  schedule=False, ddp=False),
+        ]  # fmt: skip
 
     def context(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         q = upcast(self.generator(images)).softmax(1)
@@ -157,23 +171,29 @@ class Colab(Method):
                           "masks": batch.masks[:4], "logits": logits[:4].detach()}  # fmt: skip
         return self.seg_loss(logits, targets, batch.masks)
 
-    def before_step(self, batch: Batch, info: StepInfo) -> dict[str, float]:
-        """The meta-update of the generator, every `update_interval` steps."""
-        if not self.params.meta_update or info.step % self.params.update_interval:
-            return {}
-        meta_images, meta_masks = batch.images, batch.masks
-        if self.meta_loader is not None:  # the n-th meta-update reads the n-th held-out batch
-            meta = self.meta_loader.batch_at(info.step // self.params.update_interval)
-            meta_images, meta_masks = meta.images.to(batch.images), meta.masks.to(batch.masks)
-        meta_loss, grads = self.hypergradient(batch.images, batch.masks, meta_images, meta_masks)
-        for param, grad in zip(self.generator_params, grads, strict=True):
-            param.grad = dist.all_reduce_sum(grad.detach().clone()) / dist.world_size()
-        self.generator_opt.step()
-        self.generator_opt.zero_grad(set_to_none=True)
-        return {"meta_roi_loss": float(meta_loss.detach())}
+    def training_step(self, batch: Batch, step: Step) -> dict[str, torch.Tensor]:
+        """Every `update_interval` steps the generator's meta-update, then the usual step."""
+        p = self.params
+        if p.meta_update and step.info.step % p.update_interval == 0:
+            meta_images, meta_masks = batch.images, batch.masks
+            if self.meta_loader is not None:  # the n-th meta-update reads the n-th held-out batch
+                meta = self.meta_loader.batch_at(step.info.step // p.update_interval)
+                meta_images, meta_masks = meta.images.to(batch.images), meta.masks.to(batch.masks)
+            with torch.autocast(batch.images.device.type, enabled=False):  # second order: fp32
+                meta_loss = self.meta_loss(batch.images, batch.masks, meta_images, meta_masks)
+            step.optimize(meta_loss, "generator")
+            step.log(meta_roi_loss=float(meta_loss.detach()))
+        return super().training_step(batch, step)
 
     def hypergradient(self, images, masks, meta_images, meta_masks):
-        """d ROI-loss(θ - α ∇θ L(θ, targets(φ))) / dφ, exactly (double backward)."""
+        """(ROI loss, its exact gradient with respect to the generator's parameters)."""
+        meta = self.meta_loss(images, masks, meta_images, meta_masks)
+        return meta, torch.autograd.grad(meta, self.generator_params)
+
+    def meta_loss(self, images, masks, meta_images, meta_masks) -> torch.Tensor:
+        """ROI-loss(θ - α ∇θ L(θ, targets(φ))): the foreground loss of the segmentation net
+        after a virtual step on the generator's targets, differentiable in φ (double
+        backward)."""
         named = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
         names, params = [n for n, _ in named], [p for _, p in named]
         buffers = {
@@ -188,8 +208,7 @@ class Colab(Method):
             alpha = self.params.virtual_lr
             stepped = {n: p - alpha * g for n, p, g in zip(names, params, grads, strict=True)}
             meta_logits = functional_call(self.net, {**stepped, **buffers}, (meta_images,))
-            meta = self.roi_loss(collapse(meta_logits, self.k), meta_masks)
-        return meta, torch.autograd.grad(meta, self.generator_params)
+            return self.roi_loss(collapse(meta_logits, self.k), meta_masks)
 
     def roi_loss(self, class_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Foreground (ROI) loss of the stepped network: soft Dice of the foreground classes."""

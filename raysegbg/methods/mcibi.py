@@ -10,18 +10,53 @@ over ranks first (see `raysegbg.state.memory`). At inference the memory is read,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysegbg.config import Config
+from raysegbg.config import Config, check, check_choice, param
 from raysegbg.methods.base import Batch, Method, StepInfo
 from raysegbg.methods.losses import cross_entropy
 from raysegbg.models import build_model
 from raysegbg.state.memory import ClassMemory, class_sums, global_class_sums
 
 AUTO_POSITIONS = 1024  # feature positions an automatic stride leaves (32 x 32)
+
+
+@dataclass(frozen=True)
+class McibiParams:
+    """Mining Contextual Information Beyond Image: a dataset-level class memory."""
+
+    dims: int = param(64, "memory / pixel feature size")
+    attention_dims: int = param(32, "query/key size of the attention over what a pixel read")
+    feature_stride: int = param(
+        0, "work at 1/stride of the image (labels downsampled); 0: the finest power of two "
+        "leaving <= 32 x 32 positions on a training crop (the memory read attends over all)",
+    )  # fmt: skip
+    momentum: float = param(0.9, "update rate of an entry toward the batch's class mean")
+    momentum_follows_lr: bool = param(True, "momentum x lr/lr0, as in the reference")
+    aggregation: str = param("soft", "soft | hard: how a pixel reads the memory")
+    update: bool = param(True, "false: memory frozen at its random initial value (ablation)")
+    stage1_weight: float = param(0.4, "loss weight of the stage-1 (pre-memory) classifier")
+    stage2_weight: float = param(1.0, "loss weight of the stage-2 (memory-fused) classifier")
+    consistency_weight: float = param(
+        1.0, "loss weight: stage 2 classifies each entry as its class"
+    )
+
+    def __post_init__(self) -> None:
+        check_choice("method.mcibi.aggregation", self.aggregation, ("soft", "hard"))
+        check(
+            self.feature_stride >= 0,
+            "method.mcibi.feature_stride must be >= 0 (0 picks one from data.crop_size)",
+        )
+        check(
+            self.dims >= 1 and self.attention_dims >= 1,
+            "method.mcibi.dims and attention_dims must be >= 1",
+        )
+        check(0 <= self.momentum <= 1, "method.mcibi.momentum must be in [0, 1], e.g. 0.9")
 
 
 def auto_stride(height: int, width: int) -> int:
@@ -74,11 +109,12 @@ class MemoryReader(nn.Module):
 
 
 class Mcibi(Method):
+    Params = McibiParams
     needs_shared_state = True
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)
-        p = self.params = cfg.method.mcibi
+        p = self.params
         self.net = build_model(cfg.model, in_channels, num_classes)
         channels = self.net.segmentation_head[0].in_channels  # the decoder's output width
         self.net.segmentation_head = nn.Identity()  # replaced by the two-stage heads below
@@ -90,6 +126,7 @@ class Mcibi(Method):
         self.memory = ClassMemory(num_classes, p.dims)
         crop = cfg.data.crop_size  # one stride per run: that of the training crops
         self.stride = p.feature_stride or (auto_stride(crop, crop) if crop else 0)
+        self._update_from: torch.Tensor | None = None  # this step's features (after_step)
         if not p.update:  # the ablation: a fixed random memory, same parameters otherwise
             gen = torch.Generator().manual_seed(cfg.train.seed)
             self.memory.memory.copy_(F.normalize(torch.randn(num_classes, p.dims, generator=gen)))
@@ -130,10 +167,17 @@ class Mcibi(Method):
             + p.stage2_weight * losses["stage2"]
             + p.consistency_weight * losses["consistency"]
         )
+        self._update_from = feats.detach()  # the memory moves after the optimiser step
+        return losses
+
+    def after_step(self, batch: Batch, info: StepInfo) -> dict[str, float]:
+        """The memory update, from this step's features and labels (all ranks together)."""
+        feats, self._update_from = self._update_from, None
+        p = self.params
         if p.update:
             momentum = p.momentum * (info.lr_scale if p.momentum_follows_lr else 1.0)
-            self.update_memory(feats.detach(), batch.masks, momentum)
-        return losses
+            self.update_memory(feats, batch.masks, momentum)
+        return {}
 
     def consistency_loss(self) -> torch.Tensor:
         """The stage-2 classifier must classify each (filled) memory entry as its own class."""

@@ -1,0 +1,50 @@
+"""What one training step reads: a rank's share of each stream's global batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One rank's share of a global batch of one stream, plus the other streams' shares.
+
+    `masks` hold the ignore index where a row has no mask (or the stream hides masks);
+    `image_labels` is a (B, num_classes) 0/1 tensor when the stream carries image-level
+    labels; `unlabeled` is the step's batch of the method's unlabeled stream, if it has one.
+    """
+
+    images: torch.Tensor  # (B, C, H, W) float
+    masks: torch.Tensor  # (B, H, W) long
+    ids: list[str]
+    image_labels: torch.Tensor | None = None
+    unlabeled: Batch | None = field(default=None, repr=False)
+
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on `device` (every stream)."""
+        if device.type == "cpu":
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return replace(
+            self, images=move(self.images), masks=move(self.masks),
+            image_labels=move(self.image_labels),
+            unlabeled=None if self.unlabeled is None else self.unlabeled.to(device),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A stream of training rows that a method reads at every step.
+
+    rows: `labeled` (rows with a mask), `unlabeled` (rows without one) or `all`.
+    batch_size: global rows per step (0: `train.batch_size`), split evenly over workers.
+    masks: False hides every mask (weak supervision must not see them).
+    image_labels: attach each row's image-level labels as a multi-hot tensor.
+    """
+
+    rows: str = "labeled"
+    batch_size: int = 0
+    masks: bool = True
+    image_labels: bool = False
