@@ -4,8 +4,10 @@ Every trial is a small driver function that runs the same Train entry point as `
 (`ray_train.run_trainer`) with the sampled values, named by the trial id, and forwards each
 epoch's metrics to Tune. Everything lands in one folder, `<storage>/<search name>/`: the
 trials' runs (`<trial id>/`: config, checkpoints, `tb/`), one HParams session per trial
-(`hparams/<trial id>`), `summary.csv`, `best_config.yaml`, a plot, and Tune's own state so an
-interrupted search can be resumed. The only module besides `ray_train` that imports Ray Tune.
+(`hparams/<trial id>`), `summary.csv`, `best_config.yaml`, a plot (written by `tune_report`,
+uploaded when the storage is an object store), and Tune's own state so an interrupted search
+can be resumed. The only module besides `ray_train` that imports Ray Tune; the command line
+(`tune_commands`) imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from raysegbg.errors import RaysegbgError
 from raysegbg.ray_train import init_ray, preflight, resolve_run, run_trainer
 from raysegbg.search_space import SearchSpace, apply_params, load_space, parse_space
 from raysegbg.storage import Location
-from raysegbg.tune_commands import HPARAMS_DIR, TrialRow, write_reports
+from raysegbg.tune_report import HPARAMS_DIR, TrialRow, write_reports
 
 SEARCH_FILE = "search.yaml"  # what a resume needs: base config, space, options
 ASHA_FILE = "asha_rungs.state"  # not .pkl/.json: Tune copies those back over ours on resume
@@ -137,8 +139,8 @@ def _check_options(opts: SearchOptions) -> None:
 
 def _preflight(cfg: Config, space: SearchSpace, address: str | None) -> None:
     """The run preflight on the base config, plus every model the space can build."""
-    from raysegbg.methods import method_class
     from raysegbg.models import check_model_config
+    from raysegbg.registry import method_class
     from raysegbg.search_space import probe_configs
 
     num_classes = preflight(cfg, address).num_classes
