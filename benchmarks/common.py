@@ -1,11 +1,12 @@
-"""Helpers shared by the method benchmarks: datasets, seeded runs, a mean ± std table."""
+"""Helpers shared by the benchmarks: datasets, seeded runs, a mean ± std table, goal checks."""
 
 from __future__ import annotations
 
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,9 @@ LOBES = {
     "subcortical": ("Caudate", "Putamen", "Pallidum", "Thalamus"),
     "cerebellum": ("Cerebelum", "Vermis"),
 }  # fmt: skip
+
+# What `compare` returns: (task, variant, {metric: one value per seed, a fraction}).
+Rows = list[tuple[str, str, dict[str, list[float]]]]
 
 
 def aal_lobe_map() -> tuple[dict[int, int], list[str]]:
@@ -77,7 +81,7 @@ def compare(
     seeds: list[int],
     metrics: list[str],
     log: Callable[[str], None] = print,
-) -> list[tuple[str, str, dict[str, list[float]]]]:
+) -> Rows:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for task, task_overrides in tasks.items():
@@ -95,7 +99,7 @@ def compare(
     return rows
 
 
-def table(rows, metrics: list[str], scale: float = 100.0) -> str:
+def table(rows: Rows, metrics: list[str], scale: float = 100.0) -> str:
     head = f"{'task':<14}{'variant':<16}" + "".join(f"{m + ' (mean ± std)':>24}" for m in metrics)
     lines = [head, "-" * len(head)]
     for task, variant, values in rows:
@@ -106,3 +110,58 @@ def table(rows, metrics: list[str], scale: float = 100.0) -> str:
             cells += f"{statistics.mean(v):>15.2f} ± {std:<6.2f}"
         lines.append(f"{task:<14}{variant:<16}{cells}")
     return "\n".join(lines)
+
+
+def means(rows: Rows, metric: str, scale: float = 100.0) -> dict[str, dict[str, float]]:
+    """task -> variant -> mean of `metric` over seeds, scaled as `table` shows it."""
+    out: dict[str, dict[str, float]] = {}
+    for task, variant, values in rows:
+        out.setdefault(task, {})[variant] = scale * statistics.mean(values[metric])
+    return out
+
+
+# -- goals: printed under the table; a missed one makes the script exit 1 -------------------
+@dataclass(frozen=True)
+class Goal:
+    """One goal of a benchmark and whether this run met it; `detail` says by how much."""
+
+    description: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"goal {'met' if self.ok else 'MISSED'}: {self.description} ({self.detail})"
+
+
+def check(
+    description: str,
+    value: float,
+    bound: float,
+    *,
+    lower: bool = False,
+    strict: bool = False,
+    digits: int = 2,
+) -> Goal:
+    """Goal `value >= bound` (`lower`: `<=`; `strict`: `>` / `<`), with the margin as detail."""
+    margin = bound - value if lower else value - bound
+    ok = margin > 0 if strict else margin >= 0
+    how = "margin" if ok else "missed by"
+    detail = f"{value:.{digits}f} vs {bound:.{digits}f}, {how} {abs(margin):.{digits}f}"
+    return Goal(description, ok, detail)
+
+
+def control_note(task: str, worse: bool, detail: str) -> str:
+    """Information, not a goal: does switching the method's mechanism off cost accuracy?"""
+    same = "control matches the method: the gain is the architecture's"
+    verdict = "mechanism matters" if worse else same
+    return f"info {task}: {detail}: {verdict}"
+
+
+def report(goals: list[Goal], notes: Iterable[str] = ()) -> int:
+    """Print every goal's line, then the notes; the exit code: 1 if any goal was missed."""
+    print()
+    for goal in goals:
+        print(goal.line())
+    for note in notes:
+        print(note)
+    return 0 if all(goal.ok for goal in goals) else 1

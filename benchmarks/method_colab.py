@@ -6,20 +6,43 @@ built-in sets with a heterogeneous background (`head`: synthetic head slices who
 extra-cranial tissue look like brain; `hetero_bg`: red blobs on a patchwork, saturated) and on
 the real MRI brain task (mricron-data ch2 + ch2bet brain mask) when mricron-data is installed.
 
+Goal: on every task that ran, colab K=3 (without 3 in `--k`: the first K) has a higher mean
+foreground Dice and a lower mean FPR than the baseline; exit 1 if missed. Information, not a
+goal: whether the frozen generator (K=3, meta update off) is worse than it, per metric.
+
     python benchmarks/method_colab.py [--seeds 0 1 2] [--epochs 5] [--k 2 3 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
-from common import MRICRON, compare, make_mri_brain, table
+from common import MRICRON, Rows, check, compare, control_note, make_mri_brain, means, report, table
 
 from raysegbg.data.synthetic import make_dataset
 
 METRICS = ["fg_dice", "precision", "fpr"]
+GOAL_METRICS = {"fg_dice": False, "fpr": True}  # metric: is lower better?
+
+
+def goals(rows: Rows, method: str, control: str = "frozen gen K=3") -> int:
+    """Print the goal's line per task and metric, and the control's; return the exit code."""
+    stats = {metric: means(rows, metric) for metric in GOAL_METRICS}
+    found, notes = [], []
+    for task in stats["fg_dice"]:
+        for metric, lower in GOAL_METRICS.items():
+            m = stats[metric][task]
+            desc = f"{task}: {method} {metric} {'<' if lower else '>'} baseline"
+            found.append(check(desc, m[method], m["baseline"], lower=lower, strict=True))
+            worse = m[control] > m[method] if lower else m[control] < m[method]
+            shown = f"{control} {metric} {m[control]:.2f} vs {method} {m[method]:.2f}"
+            notes.append(control_note(task, worse, shown))
+    if not found:
+        notes.insert(0, f"goal not evaluated: {method} vs baseline (no task ran)")
+    return report(found, notes)
 
 
 def main() -> None:
@@ -70,6 +93,7 @@ def main() -> None:
         f"{args.n} images; extra {args.set}; test split\n"
     )
     print(table(rows, METRICS))
+    sys.exit(goals(rows, "colab K=3" if 3 in args.k else f"colab K={args.k[0]}"))
 
 
 if __name__ == "__main__":

@@ -5,18 +5,38 @@ Same network, data, schedule and seeds; only the method changes. mIoU on the tes
 ambiguous, class statistics consistent across the dataset) and on the real MRI atlas task
 (mricron-data ch2 + AAL grouped into 7 lobes), when mricron-data is installed.
 
+Goal: on every task that ran, mcibi's mean mIoU is above the baseline's; exit 1 if missed.
+Without both variants (`--variants`) the goal is not evaluated (exit 0). Information, not a
+goal: whether mcibi-frozen (the memory update switched off) is below mcibi.
+
     python benchmarks/method_mcibi.py [--seeds 0 1 2] [--epochs 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
-from common import MRICRON, compare, make_mri_lobes, table
+from common import MRICRON, Rows, check, compare, control_note, make_mri_lobes, means, report, table
 
 from raysegbg.data.synthetic import make_dataset
+
+
+def goals(rows: Rows) -> int:
+    """Print the goal's line per task and the control's; return the exit code."""
+    found, notes = [], []
+    for task, m in means(rows, "miou").items():
+        if {"baseline", "mcibi"} <= m.keys():
+            desc = f"{task}: mcibi mIoU > baseline mIoU"
+            found.append(check(desc, m["mcibi"], m["baseline"], strict=True))
+        if {"mcibi", "mcibi-frozen"} <= m.keys():
+            shown = f"mcibi-frozen mIoU {m['mcibi-frozen']:.2f} vs mcibi {m['mcibi']:.2f}"
+            notes.append(control_note(task, m["mcibi-frozen"] < m["mcibi"], shown))
+    if not found:
+        notes.insert(0, "goal not evaluated: mcibi mIoU > baseline (no task ran both)")
+    return report(found, notes)
 
 
 def main() -> None:
@@ -51,6 +71,7 @@ def main() -> None:
     print(f"\n{data.name}: {data.splits}; seeds {args.seeds}; {args.epochs} epochs x "
           f"{args.steps} steps; extra {args.set}\n")  # fmt: skip
     print(table(rows, ["miou", "fg_dice"]))
+    sys.exit(goals(rows))
 
 
 if __name__ == "__main__":

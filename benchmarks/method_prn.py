@@ -13,6 +13,10 @@ Test-split foreground IoU (×100), mean ± std over seeds:
 Tasks: the built-in `varying_contrast` set and, when mricron-data is installed, the MRI brain
 (ch2 + ch2bet). In-process runs (no Ray): this compares methods, not infrastructure.
 
+Goal: PRN's mean fg IoU is above the base's on every task that ran, and on mri-brain by at
+least 2 points (x100); exit 1 if missed. Information, not a goal: whether the GT-only refiner
+(no pseudo-labels) is below PRN.
+
     python benchmarks/method_prn.py [--seeds 0 1 2] [--base-epochs 6] [--epochs 6]
 """
 
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import MRICRON, make_mri_brain
+from common import MRICRON, check, control_note, make_mri_brain, report
 
 from raysegbg.config import load_config
 from raysegbg.data.loader import SegDataset, eval_batches
@@ -35,7 +40,8 @@ from raysegbg.local import train_local
 from raysegbg.methods.patch_thresholds import foreground_iou, patch_pseudo_labels, threshold_grid
 from raysegbg.methods.prn import head_name
 
-VARIANTS = ["base", "refiner (GT only)", "PRN", "oracle"]
+GT_ONLY = "refiner (GT only)"
+VARIANTS = ["base", GT_ONLY, "PRN", "oracle"]
 
 
 @torch.no_grad()
@@ -78,8 +84,23 @@ def one_seed(common: list[str], seed: int, root: Path) -> dict[str, float]:
     assert abs(gt_only["base"] - full["base"]) < 1e-9, "the GT-only refiner must share the base"
     heads = "  ".join(f"{k} {v:.4f}" for k, v in full.items() if k.startswith("head"))
     print(f"  PRN heads alone: {heads}", flush=True)
-    return {"base": full["base"], "refiner (GT only)": gt_only["refined"], "PRN": full["refined"],
+    return {"base": full["base"], GT_ONLY: gt_only["refined"], "PRN": full["refined"],
             "oracle": full["oracle"]}  # fmt: skip
+
+
+def goals(rows: list[tuple[str, dict[str, list[float]]]]) -> int:
+    """Print the goal's lines per task and the GT-only control's; return the exit code."""
+    found, notes = [], []
+    for task, values in rows:
+        m = {v: statistics.mean(x) for v, x in values.items()}
+        found.append(check(f"{task}: PRN fg IoU > base", m["PRN"], m["base"], strict=True))
+        if task == "mri-brain":
+            found.append(check("mri-brain: PRN fg IoU >= base + 2", m["PRN"], m["base"] + 2))
+        shown = f"{GT_ONLY} fg IoU {m[GT_ONLY]:.2f} vs PRN {m['PRN']:.2f}"
+        notes.append(control_note(task, m[GT_ONLY] < m["PRN"], shown))
+    if "mri-brain" not in {task for task, _ in rows}:
+        notes.insert(0, "goal not evaluated: mri-brain PRN fg IoU >= base + 2 (did not run)")
+    return report(found, notes)
 
 
 def main() -> None:
@@ -126,6 +147,7 @@ def main() -> None:
             mean = statistics.mean(values[v])
             std = statistics.stdev(values[v]) if len(values[v]) > 1 else 0.0
             print(f"{task:<12}{v:<20}{mean:>13.2f} ± {std:<6.2f}{mean - base:>+10.2f}")
+    sys.exit(goals(rows))
 
 
 if __name__ == "__main__":

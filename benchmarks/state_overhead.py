@@ -7,6 +7,9 @@ The model is the quickstart U-Net; each step also updates a class memory from th
 pooled features (what MCIBI does). "actor-backed" additionally sends a snapshot to the run's
 state actor every `--every` steps (fire and forget). The two variants alternate in rounds
 (A B A B ...) so drift of the machine affects both alike.
+
+Goal: the actor-backed step at most 3 % slower (ratio actor / in-process <= 1.03); exit 1 if
+missed.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import check, report
 
 from raysegbg.config import load_config
 from raysegbg.models import build_model
@@ -107,6 +112,8 @@ def main() -> None:
     print(f"{'snapshots skipped (previous in flight)':<40}{client.skipped:>10}")
     print(f"{'pseudo-label put, 64x64 masks/s':<40}{put:>10.0f}")
     print(f"{'pseudo-label get, 64x64 masks/s':<40}{get:>10.0f}")
+    goal = check("ratio actor / in-process <= 1.03", b / a, 1.03, lower=True, digits=3)
+    sys.exit(report([goal]))
 
 
 if __name__ == "__main__":

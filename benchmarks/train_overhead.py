@@ -5,6 +5,9 @@ same number of torch threads. Images/s are measured over the training steps of e
 after the first (warm-up: page faults, PNG decoding into the cache). The plain loop runs
 before and after the Ray run and their mean is the reference, so drift of the machine shows.
 
+Goal: images/s through Ray at least 0.97 x the plain loop's (ratio ray / plain >= 0.97);
+exit 1 if missed.
+
     python benchmarks/train_overhead.py [--epochs 4] [--n 480] [--batch 16]
 """
 
@@ -13,11 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import check, report
 
 from raysegbg.config import load_config
 from raysegbg.data.loader import SegDataset, TrainLoader
@@ -102,6 +107,7 @@ def main() -> None:
     print(f"{'raysegbg on Ray Train, 1 worker':<34}{ray:>10.1f}{len(through_ray):>8}")
     print(f"{'ratio ray / plain':<34}{ray / plain:>10.3f}   (goal >= 0.97)")
     print(f"threads {threads}, batch {args.batch}, {args.size}x{args.size}, {cfg.model.encoder}")
+    sys.exit(report([check("ratio ray / plain >= 0.97", ray / plain, 0.97, digits=3)]))
 
 
 if __name__ == "__main__":
