@@ -38,7 +38,7 @@ from raysegbg.data.synthetic import make_dataset
 from raysegbg.inference import load_run
 from raysegbg.local import train_local
 from raysegbg.methods.patch_thresholds import foreground_iou, patch_pseudo_labels, threshold_grid
-from raysegbg.methods.prn import head_name
+from raysegbg.methods.prn.labels import head_name
 
 GT_ONLY = "refiner (GT only)"
 VARIANTS = ["base", GT_ONLY, "PRN", "oracle"]

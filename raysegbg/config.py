@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from raysegbg.errors import RaysegbgError
-from raysegbg.registry import check_method_name, method_class, section_name, section_names
+from raysegbg.registry import check_method_name, params_class, section_name, section_names
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def _method_config(values: dict[str, Any], where: str) -> MethodConfig:
 
 
 def _method_params(name: str, values: dict[str, Any], section: str) -> Any:
-    params = getattr(method_class(name), "Params", None)
+    params = params_class(name)
     if params is None:
         if values:
             raise RaysegbgError(f"method {name} has no settings: drop method.{section}.*")

@@ -4,7 +4,8 @@ import torch
 
 from raysegbg.config import load_config
 from raysegbg.methods.base import Batch, StepInfo
-from raysegbg.methods.colab import Colab, collapse, distance_from_foreground, soft_targets
+from raysegbg.methods.colab.method import Colab, collapse, distance_from_foreground, soft_targets
+from raysegbg.step import StepRunner
 
 TINY = ["model.encoder_depth=3", "model.decoder_channels=[16,8,8]", "method.name=colab",
         "method.colab.k=3", "method.colab.generator_depth=3"]  # fmt: skip
@@ -70,6 +71,12 @@ def test_inference_maps_every_context_channel_to_background():
     assert out.shape == (2, 2, 32, 32)  # class logits, not K + foreground channels
 
 
+def runner_for(method: Colab) -> StepRunner:
+    """The loop's optimisers for the method's (only) stage, as the training loop builds them."""
+    cfg = method.cfg
+    return StepRunner(method.optimizers(method.stages()[0]), cfg.optim, torch.device("cpu"), None)
+
+
 def test_meta_update_changes_the_generator_and_frozen_control_does_not():
     batch = Batch(torch.randn(2, 3, 32, 32), (torch.rand(2, 32, 32) > 0.7).long(), ["a", "b"])
     for update, changes in ((True, True), (False, False)):
@@ -77,12 +84,16 @@ def test_meta_update_changes_the_generator_and_frozen_control_does_not():
         torch.manual_seed(0)
         method = Colab(cfg, 2, 3, 255).train()
         before = [p.clone() for p in method.generator_params]
-        logs = method.before_step(batch, StepInfo(0, 0, 1.0))
+        net_before = [p.clone() for p in method.net.parameters() if p.requires_grad]
+        runner = runner_for(method)
+        losses = method.training_step(batch, runner)
         moved = any(
             not torch.equal(a, b) for a, b in zip(before, method.generator_params, strict=True)
         )
-        assert moved == changes and (("meta_roi_loss" in logs) == changes)
-        assert set(method(batch, StepInfo(0, 0, 1.0))) >= {"soft_ce", "loss"}
+        assert moved == changes and (("meta_roi_loss" in runner.logged) == changes)
+        assert set(losses) >= {"soft_ce", "loss"}
+        net_after = [p for p in method.net.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(net_before, net_after, strict=True))
 
 
 def test_distance_from_foreground():
@@ -136,13 +147,13 @@ def test_meta_batch_from_a_holdout_the_network_never_trains_on(tiny_data, tmp_pa
     def meta_ids(steps: int) -> tuple[list[list[str]], set[str]]:
         trainer = Trainer(load_config(None, overrides), WorkerContext(run_dir=Path("u")))
         method, passed = trainer.method, []
-        hypergradient = method.hypergradient
+        meta_loss = method.meta_loss
 
         def spy(images, masks, meta_images, meta_masks):  # what the meta-step measures on
             passed.append(meta_images)
-            return hypergradient(images, masks, meta_images, meta_masks)
+            return meta_loss(images, masks, meta_images, meta_masks)
 
-        method.hypergradient = spy
+        method.meta_loss = spy
         seen, trained = [], set()
         for k, batch in enumerate(trainer.loader.epoch(0)):
             if k == steps:
@@ -160,20 +171,3 @@ def test_meta_batch_from_a_holdout_the_network_never_trains_on(tiny_data, tmp_pa
     assert held and all(in_holdout(i, 0.3) for i in held) and not held & trained
     assert len(seen[0]) == 8 and seen[0] != seen[1]  # one global batch per meta-update
     assert meta_ids(3)[0] == seen  # a function of the step: a resumed run draws the same
-
-
-def test_the_generator_optimiser_state_is_checkpointed():
-    batch = Batch(torch.randn(2, 3, 32, 32), (torch.rand(2, 32, 32) > 0.7).long(), ["a", "b"])
-    first = make().train()
-    first.before_step(batch, StepInfo(0, 0, 1.0))
-    saved = first.state_dict()
-    second = make().train()
-    second.load_state_dict(saved)
-    for a, b in zip(first.generator_params, second.generator_params, strict=True):
-        assert torch.equal(a, b) and torch.equal(
-            first.generator_opt.state[a]["exp_avg_sq"], second.generator_opt.state[b]["exp_avg_sq"]
-        )
-    for method in (first, second):  # the next Adam step is the same
-        method.before_step(batch, StepInfo(4, 0, 1.0))
-    for a, b in zip(first.generator_params, second.generator_params, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -17,7 +17,7 @@ def first_step(rank: int, world: int, overrides: list[str]) -> dict:
     trainer = Trainer(cfg, WorkerContext(run_dir=Path("unused"), rank=rank, world_size=world))
     batch = next(trainer.loader.epoch(0))
     trainer.method.train()
-    losses = trainer.model(batch, StepInfo(0, 0, 1.0))
+    losses = trainer.runner.module("main")(batch, StepInfo(0, 0, 1.0))
     losses["loss"].backward()  # DDP averages gradients over ranks here
     grads = {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None}
     return {"loss": losses["loss"].item(), "grads": grads, "ids": batch.ids}

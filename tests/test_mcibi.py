@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from raysegbg.config import load_config
 from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Batch, StepInfo
-from raysegbg.methods.mcibi import Mcibi, auto_stride
+from raysegbg.methods.mcibi.method import Mcibi, auto_stride
 from raysegbg.train import Trainer, WorkerContext
 from tests.conftest import tiny_overrides
 from tests.multiproc import run_ranks
@@ -79,9 +79,11 @@ def test_inference_reads_but_never_writes_the_memory():
     logits = method.predict(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 3, 32, 32) and torch.equal(method.memory.memory, before)
     method.train()
-    out = method(Batch(torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32)), []),
-                 StepInfo(0, 0, 1.0))  # fmt: skip
+    batch = Batch(torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32)), [])
+    out = method(batch, StepInfo(0, 0, 1.0))
     assert set(out) == {"stage1", "stage2", "consistency", "loss"}
+    assert torch.equal(method.memory.memory, before)  # the update comes after the step
+    method.after_step(batch, StepInfo(0, 0, 1.0))
     assert not torch.equal(method.memory.memory, before)
 
 

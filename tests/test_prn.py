@@ -17,7 +17,9 @@ from raysegbg.methods.patch_thresholds import (
     patch_pseudo_labels,
     threshold_grid,
 )
-from raysegbg.methods.prn import Prn, in_holdout, label_key
+from raysegbg.data.loader import in_holdout
+from raysegbg.methods.prn.labels import label_key
+from raysegbg.methods.prn.method import Prn
 from raysegbg.state.store import PseudoLabelStore
 from raysegbg.train import train_worker
 from tests.conftest import tiny_overrides
@@ -168,7 +170,7 @@ def test_cross_fit_labels_every_training_image_with_a_base_that_never_saw_it(
     assert sorted(store.ids()) == sorted(label_key(i, p) for i in train.ids for p in (8, 16))
     for image_id in (min(held), min(set(train.ids) - held)):
         image, mask = train[train.ids.index(image_id)]
-        method.stage_name = "fold 1 pseudo-labels" if image_id in held else "fold 2 base"
+        method.use_stage("fold 1 pseudo-labels" if image_id in held else "fold 2 base")
         prob = method.base_probability(image[None])
         fold = method.fold_bases[0 if image_id in held else 1]
         assert torch.equal(method.predict(image[None]), fold(image[None]))
@@ -176,7 +178,7 @@ def test_cross_fit_labels_every_training_image_with_a_base_that_never_saw_it(
             prob[:, 0], mask[None] == 1, mask[None] != 255, 8, threshold_grid(20)
         )
         np.testing.assert_array_equal(store.get([label_key(image_id, 8)])[0].mask, labels[0])
-        method.stage_name = "refine"
+        method.use_stage("refine")
         torch.testing.assert_close(method.base_logit(image[None], [image_id]).sigmoid(), prob)
         assert not torch.allclose(method.base_probability(image[None]), prob)
     both = [min(held), min(set(train.ids) - held)]  # a batch mixing the folds
@@ -308,7 +310,7 @@ def test_inference_averages_the_heads_and_predicts_like_its_stage():
     method = Prn(cfg, 2, 1, 255).eval()
     images = torch.randn(2, 1, 32, 32)
     assert torch.equal(method.predict(images), method.base(images))  # before stage 3
-    method.stage_name = "refine"
+    method.use_stage("refine")
     logits = method.predict(images)
     q = method.refined_probability(images)
     heads, prob = method.refiner_logits(images)
@@ -322,7 +324,7 @@ def test_inference_averages_the_heads_and_predicts_like_its_stage():
     # the stage travels with the weights
     copy = Prn(cfg, 2, 1, 255)
     copy.load_state_dict(method.state_dict())
-    assert copy.stage_name == "refine"
+    assert copy.stage.name == "refine"
 
 
 def test_threshold_heads_binarize_the_base_at_each_patch_threshold(monkeypatch):
@@ -334,7 +336,7 @@ def test_threshold_heads_binarize_the_base_at_each_patch_threshold(monkeypatch):
                              "method.prn.threshold_heads=true"])  # fmt: skip
     torch.manual_seed(0)
     method = Prn(cfg, 2, 1, 255).eval()
-    method.stage_name = "refine"
+    method.use_stage("refine")
     images = 3 * torch.randn(2, 1, 32, 32)
     masks = (torch.rand(2, 32, 32) > 0.5).long()
     masks[0, :4, :4] = 255
@@ -421,7 +423,7 @@ def test_validation_picks_the_best_head_and_mean_mode_keeps_averaging(monkeypatc
                                  "model.decoder_channels=[16,8,8]",
                                  f"method.prn.inference={mode}"])  # fmt: skip
         method = Prn(cfg, 2, 1, 255).train()
-        method.stage_name = "refine"
+        method.use_stage("refine")
         monkeypatch.setattr(method, "refiner_logits", fake_logits)
         out = method.after_epoch(batches)
         assert method.inference_head == expected
@@ -431,14 +433,14 @@ def test_validation_picks_the_best_head_and_mean_mode_keeps_averaging(monkeypatc
             assert torch.equal(method.predict(images).argmax(1), masks)
         else:
             assert out["refine/chosen_head"] == -1 and out["refine/val_iou_p8"] == 1.0
-    method.stage_name = "base"  # nothing is chosen outside the refine stage
+    method.use_stage("base")  # nothing is chosen outside the refine stage
     assert method.after_epoch(batches) == {}
 
 
 def test_base_from_a_baseline_run_is_its_best_checkpoint_whatever_its_name(tmp_path):
     from raysegbg.checkpoint import save_checkpoint
     from raysegbg.config import save_config
-    from raysegbg.methods.baseline import Baseline
+    from raysegbg.methods.baseline.method import Baseline
 
     tiny = ["model.encoder_depth=3", "model.decoder_channels=[16,8,8]"]
     baseline_cfg = load_config(None, [*tiny, "logging.name=prn-base"])  # a misleading name

@@ -1,0 +1,1 @@
+"""`baseline`: `params` (its settings, light to import) and `method` (the networks and steps)."""

@@ -1,0 +1,1 @@
+"""`colab`: `params` (its settings, light to import) and `method` (the networks and steps)."""

@@ -1,0 +1,1 @@
+"""`mcibi`: `params` (its settings, light to import) and `method` (the networks and steps)."""
