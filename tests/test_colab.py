@@ -3,7 +3,7 @@
 import torch
 
 from raysegbg.config import load_config
-from raysegbg.methods.base import Batch, StepInfo
+from raysegbg.methods.base import Batch
 from raysegbg.methods.colab.method import Colab, collapse, distance_from_foreground, soft_targets
 from raysegbg.step import StepRunner
 

@@ -9,6 +9,7 @@ import torch
 
 from raysegbg.checkpoint import list_checkpoints, load_state
 from raysegbg.config import load_config
+from raysegbg.data.loader import in_holdout
 from raysegbg.errors import RaysegbgError
 from raysegbg.local import train_local
 from raysegbg.methods.base import Batch, StepInfo
@@ -17,7 +18,6 @@ from raysegbg.methods.patch_thresholds import (
     patch_pseudo_labels,
     threshold_grid,
 )
-from raysegbg.data.loader import in_holdout
 from raysegbg.methods.prn.labels import label_key
 from raysegbg.methods.prn.method import Prn
 from raysegbg.state.store import PseudoLabelStore
