@@ -246,7 +246,10 @@ def check_space(space: SearchSpace, base: Config) -> None:
     Config; otherwise one line names the parameter and the fix. Runs before Ray starts."""
     for name, value, cfg_or_error in probe_configs(space, base):
         if isinstance(cfg_or_error, RaysegbgError):
-            hint = "register the method in raysegbg/methods first, or remove its branch"
+            hint = (
+                "register the method in raysegbg/registry.py (or name it by its import "
+                "path), or remove its branch"
+            )
             if name != "method.name":
                 hint = "fix the path (a config key) or the range/choices"
             raise _error(space.source, f"{name}={value!r} is invalid: {cfg_or_error}; {hint}")

@@ -68,3 +68,48 @@ def test_holdout_by_group_keeps_whole_groups_on_one_side():
     assert all(not_in_holdout(i, 0.5, blocks) == (i not in held) for i in ids)
     # an id the expression does not match is its own group
     assert in_holdout("other", 0.5, blocks) == in_holdout("other", 0.5)
+
+
+def test_every_stream_is_the_same_for_one_worker_and_for_two(tmp_path):
+    """Labeled rows with image labels plus an unlabeled stream of another per-step count:
+    the two ranks' shares of each stream join into what one worker sees."""
+    from raysegbg.data.batch import Stream
+    from raysegbg.data.loader import StreamLoader, stream_dataset
+    from raysegbg.data.synthetic import make_dataset
+
+    make_dataset("hetero_bg", tmp_path / "semi", n=60, size=32, seed=0, labeled_fraction=0.25)
+    labeled = stream_dataset(tmp_path / "semi", Stream("labeled"), cache=True)
+    unlabeled = stream_dataset(tmp_path / "semi", Stream("unlabeled"), cache=True)
+    assert not set(labeled.ids) & set(unlabeled.ids) and len(unlabeled) > 2 * len(labeled)
+    cfg = DataConfig(crop_size=24)
+
+    def loader(rank: int, world: int) -> StreamLoader:
+        main = TrainLoader(labeled, cfg, 4, 3, 1, rank, world, image_labels=True)
+        extra = TrainLoader(unlabeled, cfg, 8, 3, 1 + 7_919, rank, world, image_labels=True)
+        return StreamLoader(main, extra)
+
+    one = list(loader(0, 1).epoch(1))
+    two = [list(loader(r, 2).epoch(1)) for r in (0, 1)]
+    for step in range(3):
+        for part in (lambda b: b, lambda b: b.unlabeled):
+            whole, halves = part(one[step]), [part(two[r][step]) for r in (0, 1)]
+            assert halves[0].ids + halves[1].ids == whole.ids
+            for field in ("images", "masks", "image_labels"):
+                joined = torch.cat([getattr(h, field) for h in halves])
+                assert torch.equal(joined, getattr(whole, field)), field
+    batch = one[0]
+    assert len(batch.ids) == 4 and len(batch.unlabeled.ids) == 8
+    assert (batch.unlabeled.masks == 255).all() and (batch.masks != 255).any()
+    # image labels: the classes present in each row's (dropped or kept) mask
+    for row, image_id in zip(batch.unlabeled.image_labels, batch.unlabeled.ids, strict=True):
+        expected = unlabeled.labels[unlabeled.ids.index(image_id)]
+        assert row.nonzero().flatten().tolist() == sorted(expected)
+
+
+def test_a_weak_stream_hides_the_masks(tiny_data):
+    from raysegbg.data.batch import Stream
+    from raysegbg.data.loader import stream_dataset
+
+    weak = stream_dataset(tiny_data, Stream("all", masks=False, image_labels=True), cache=False)
+    image, mask = weak[0]
+    assert (mask == 255).all() and weak.labels[0]
