@@ -1,19 +1,44 @@
-"""The optimiser and the learning-rate schedule of a training stage."""
+"""A method's optimisers (`Optim`: what each trains and how), their torch optimisers and the
+learning-rate schedule of a training stage."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from raysegbg.config import OptimConfig
 from raysegbg.errors import RaysegbgError
 
-if TYPE_CHECKING:
-    from raysegbg.methods.base import Optim
-
 KINDS = ("adamw", "adam", "sgd")
+
+
+@dataclass(frozen=True)
+class Optim:
+    """One optimiser of a stage: what it trains and how.
+
+    `module` is what DDP wraps (when workers > 1) and what `Step.module(name)` calls; `params`
+    (default: the module's trainable parameters) is what the optimiser updates, and DDP
+    ignores the module's other parameters. With `ddp=False` the module is not wrapped and the
+    loop all-reduces the optimiser's gradients after each backward (for gradients that are not
+    a plain forward/backward, e.g. a meta-gradient). `lr`, `kind` and `weight_decay` default
+    to `optim.*`; `schedule=False` keeps the lr constant instead of following `optim.schedule`.
+    """
+
+    name: str
+    module: nn.Module
+    params: tuple[nn.Parameter, ...] | None = None
+    lr: float | None = None
+    kind: str | None = None  # adamw | adam | sgd
+    weight_decay: float | None = None
+    schedule: bool = True
+    ddp: bool = True
+
+    def parameters(self) -> list[nn.Parameter]:
+        params = self.module.parameters() if self.params is None else self.params
+        return [p for p in params if p.requires_grad]
 
 
 def make_optimizer(cfg: OptimConfig, spec: Optim) -> torch.optim.Optimizer:

@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raysegbg import dist
 from raysegbg.config import OptimConfig
-from raysegbg.methods.base import Optim, StepInfo
-from raysegbg.optim import make_optimizer
+from raysegbg.methods.base import StepInfo
+from raysegbg.optim import Optim, make_optimizer
 
 
 class StepRunner:

@@ -18,6 +18,7 @@ from torch import nn
 
 from raysegbg.config import Config
 from raysegbg.data.batch import Batch, Stream
+from raysegbg.optim import Optim
 
 __all__ = ["Batch", "Method", "Optim", "Stage", "StageRun", "Step", "StepInfo", "Stream"]
 
@@ -42,32 +43,6 @@ class Stage:
     epochs: int = 0
     keep: Callable[[str], bool] | None = None  # which training-split ids it sees (None: all)
     augment: bool = True  # False: whole images, no crop/scale/flip
-
-
-@dataclass(frozen=True)
-class Optim:
-    """One optimiser of a stage: what it trains and how.
-
-    `module` is what DDP wraps (when workers > 1) and what `Step.module(name)` calls; `params`
-    (default: the module's trainable parameters) is what the optimiser updates, and DDP
-    ignores the module's other parameters. With `ddp=False` the module is not wrapped and the
-    loop all-reduces the optimiser's gradients after each backward (for gradients that are not
-    a plain forward/backward, e.g. a meta-gradient). `lr`, `kind` and `weight_decay` default
-    to `optim.*`; `schedule=False` keeps the lr constant instead of following `optim.schedule`.
-    """
-
-    name: str
-    module: nn.Module
-    params: tuple[nn.Parameter, ...] | None = None
-    lr: float | None = None
-    kind: str | None = None  # adamw | adam | sgd
-    weight_decay: float | None = None
-    schedule: bool = True
-    ddp: bool = True
-
-    def parameters(self) -> list[nn.Parameter]:
-        params = self.module.parameters() if self.params is None else self.params
-        return [p for p in params if p.requires_grad]
 
 
 class Step(Protocol):

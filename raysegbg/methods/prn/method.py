@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from raysegbg import dist, storage
-from raysegbg.checkpoint import load_state, pick_checkpoint, run_config
+from raysegbg import dist
 from raysegbg.config import Config
 from raysegbg.data.loader import in_holdout, not_in_holdout
 from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Batch, Method, Stage, StageRun, StepInfo
 from raysegbg.methods.losses import cross_entropy, soft_dice
 from raysegbg.methods.patch_thresholds import WHOLE_IMAGE, foreground_iou, patch_map, threshold_grid
+from raysegbg.methods.prn.bases import load_base, tb_rows
 from raysegbg.methods.prn.labels import (
     SHOWN,
     head_name,
@@ -63,7 +63,6 @@ from raysegbg.methods.prn.refiner import (
     two_class,
 )  # fmt: skip
 from raysegbg.models import build_model
-from raysegbg.tb import colorize, image_to_uint8
 
 
 @dataclass(frozen=True)
@@ -179,23 +178,7 @@ class Prn(Method):
 
     # -- the base -------------------------------------------------------------------------
     def _load_base(self, path: str) -> dict[str, float]:
-        """Base weights from a run or checkpoint folder (a local path or an object-store URI)."""
-        folder = storage.location(path)
-        if storage.is_file(storage.join(folder, "config.yaml")):  # a run folder
-            # a prn run's final base is in its last checkpoint; a baseline's best is its best
-            prn = run_config(folder).method.name == "prn"
-            folder = pick_checkpoint(folder, "last" if prn else "best", self.cfg.logging.score)
-        state = load_state(folder)["method"]
-        prefixes = ("base.", "net.")  # a prn or a baseline run
-        weights = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(prefixes)}
-        try:
-            self.base.load_state_dict(weights)
-        except RuntimeError as exc:
-            raise RaysegbgError(
-                f"method.prn.base_checkpoint {path} does not fit the base model "
-                f"({str(exc).splitlines()[0]}): use a binary baseline or prn run with the same "
-                "model.* settings"
-            ) from None
+        load_base(self.base, path, self.cfg.logging.score)
         return {}
 
     def base_probability(self, images: torch.Tensor) -> torch.Tensor:
@@ -357,18 +340,4 @@ class Prn(Method):
         """Rows of image | base (0.5) | per-patch threshold map | pseudo-label | refined | truth."""
         if not self.shown:
             return {}
-        s = {k: v.cpu() for k, v in self.shown.items()}
-        rows = []
-        for j in range(len(s["image"])):
-            grey = (s["thresholds"][j].numpy() * 255).round().astype(np.uint8)
-            parts = [
-                image_to_uint8(s["image"][j]),
-                colorize((s["base"][j] >= 0.5).numpy().astype(np.uint8)),
-                np.repeat(grey[:, :, None], 3, axis=2),
-                colorize(s["pseudo"][j].numpy(), self.ignore_index),
-                colorize((s["refined"][j] >= 0.5).numpy().astype(np.uint8)),
-                colorize(s["truth"][j].numpy(), self.ignore_index),
-            ]
-            sep = np.full((parts[0].shape[0], 2, 3), 255, np.uint8)
-            rows.append(np.concatenate([x for part in parts for x in (part, sep)][:-1], axis=1))
-        return {"prn/base_thresholds_pseudo_refined": np.concatenate(rows, axis=0)}
+        return {"prn/base_thresholds_pseudo_refined": tb_rows(self.shown, self.ignore_index)}
