@@ -65,8 +65,8 @@ def train_until(cfg, run_dir: Path, reports: int | None, monkeypatch) -> None:
 
 
 # where to interrupt: inside a stage, and for prn inside the refiner stage (after base 2,
-# labels 1, refine 1 of 2 epochs) and at a stage boundary (right after the labels)
-RESUME = [("baseline", 1), ("mcibi", 2), ("colab", 1), ("prn", 4), ("prn", 3),
+# labels 1, refine 1 of 2 epochs); a resume at a stage boundary: tests/test_prn.py
+RESUME = [("baseline", 1), ("mcibi", 2), ("colab", 1), ("prn", 4),
           ("tests.toy_method:Toy", 1)]  # fmt: skip
 
 
