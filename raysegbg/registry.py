@@ -22,6 +22,7 @@ METHODS: dict[str, tuple[str, str]] = {  # name -> (method class, its Params)
     "mcibi": (f"{M}.mcibi.method:Mcibi", f"{M}.mcibi.params:McibiParams"),
     "colab": (f"{M}.colab.method:Colab", f"{M}.colab.params:ColabParams"),
     "prn": (f"{M}.prn.method:Prn", f"{M}.prn.params:PrnParams"),
+    "rrn": (f"{M}.rrn.method:Rrn", f"{M}.rrn.params:RrnParams"),
 }
 
 

@@ -42,9 +42,12 @@ class Stream:
     batch_size: global rows per step (0: `train.batch_size`), split evenly over workers.
     masks: False hides every mask (weak supervision must not see them).
     image_labels: attach each row's image-level labels as a multi-hot tensor.
+    labeled_fraction: below 1, only that share of the rows with a mask (a fixed hash of the
+        id) counts as labeled; the others count as unlabeled, their masks hidden.
     """
 
     rows: str = "labeled"
     batch_size: int = 0
     masks: bool = True
     image_labels: bool = False
+    labeled_fraction: float = 1.0

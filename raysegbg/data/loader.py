@@ -24,12 +24,25 @@ from raysegbg.data.batch import Batch, Stream
 from raysegbg.data.format import DatasetMeta, decode_png, read_meta, read_split
 from raysegbg.errors import RaysegbgError
 
+LABELED_FIX = "import masks, or raise the labeled fraction (`data make --labeled-fraction`)"
+UNLABELED_FIX = (
+    "add images without masks (`raysegbg data import --allow-unlabeled`), or lower the labeled "
+    "fraction (`raysegbg data make --labeled-fraction`, or the method's labeled_fraction)"
+)
 PAD_MULTIPLE = 32  # smp encoders downsample up to 32x
 ROWS = {"labeled": ("labeled",), "unlabeled": ("unlabeled",), "all": ("labeled", "unlabeled")}
 
 
-def _row_kind(mask: bytes | None) -> str:
-    return "unlabeled" if mask is None else "labeled"
+def _row_kind(image_id: str, mask: bytes | None, labeled_fraction: float) -> str:
+    """A row is labeled when it has a mask and falls in the labeled share of the ids."""
+    if mask is None or (labeled_fraction < 1 and not in_labeled_share(image_id, labeled_fraction)):
+        return "unlabeled"
+    return "labeled"
+
+
+def in_labeled_share(image_id: str, fraction: float) -> bool:
+    """A fixed share of ids (its own hash, not the hold-out's), e.g. 1/8 labeled."""
+    return zlib.crc32(f"labeled:{image_id}".encode()) % 10_000 < fraction * 10_000
 
 
 def in_holdout(image_id: str, fraction: float, group: str = "") -> bool:
@@ -46,16 +59,33 @@ def not_in_holdout(image_id: str, fraction: float, group: str = "") -> bool:
     return not in_holdout(image_id, fraction, group)
 
 
+def check_rows(path: str | Path, split: str, labeled_fraction: float, *rows: str) -> None:
+    """One line, before any training, when a split has none of the `rows` a method reads
+    (`labeled` / `unlabeled` at this labeled fraction); reads only ids and masks."""
+    table = read_split(path, split, columns=["id", "mask"])
+    found = {
+        _row_kind(image_id, mask, labeled_fraction)
+        for image_id, mask in zip(table["id"].to_pylist(), table["mask"].to_pylist(), strict=True)
+    }
+    for kind in rows:
+        if kind not in found:
+            fix = UNLABELED_FIX if kind == "unlabeled" else LABELED_FIX
+            raise RaysegbgError(f"split '{split}' of {path} has no {kind} samples: {fix}")
+
+
 class SegDataset:
     """One split of a dataset: PNG bytes in memory, decoded (and cached) on first use.
 
-    `rows` picks `labeled` rows (with a mask), `unlabeled` ones or `all`; `masks=False` hides
-    every mask (weak supervision), and each row's image-level labels are kept in `labels`.
+    `rows` picks `labeled` rows (with a mask), `unlabeled` ones or `all`; with
+    `labeled_fraction` < 1 only that share of the rows with a mask counts as labeled (semi-
+    supervised training on a fully labeled set). Unlabeled rows never carry a mask, except with
+    `hidden_masks` (ground truth for diagnostics, never for training); `masks=False` hides
+    every mask (weak supervision). Each row's image-level labels are kept in `labels`.
     """
 
     def __init__(
         self, path: str | Path, split: str, *, rows: str = "labeled", masks: bool = True,
-        cache: bool = True,
+        labeled_fraction: float = 1.0, hidden_masks: bool = False, cache: bool = True,
     ):  # fmt: skip
         if rows not in ROWS:
             raise RaysegbgError(f"rows={rows!r}: use one of {', '.join(ROWS)}")
@@ -65,16 +95,18 @@ class SegDataset:
         images = table.column("image").to_pylist()
         masks_col = table.column("mask").to_pylist()
         labels = table.column("image_labels").to_pylist()
-        keep = [i for i, m in enumerate(masks_col) if _row_kind(m) in ROWS[rows]]
+        kinds = [_row_kind(ids[i], m, labeled_fraction) for i, m in enumerate(masks_col)]
+        keep = [i for i, kind in enumerate(kinds) if kind in ROWS[rows]]
         if not keep:
             raise RaysegbgError(
-                f"split '{split}' of {path} has no {rows} samples: import masks, or change "
-                "the labeled fraction (`raysegbg data make ... --labeled-fraction`)"
+                f"split '{split}' of {path} has no {rows} samples: "
+                + (UNLABELED_FIX if rows == "unlabeled" else LABELED_FIX)
             )
         self.split = split
         self.ids = [ids[i] for i in keep]
         self._images = [images[i] for i in keep]
-        self._masks = [masks_col[i] if masks else None for i in keep]
+        shown = lambda i: masks and (kinds[i] == "labeled" or hidden_masks)  # noqa: E731
+        self._masks = [masks_col[i] if shown(i) else None for i in keep]
         self.labels = [tuple(labels[i] or ()) for i in keep]
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
@@ -261,4 +293,5 @@ class StreamLoader:
 
 def stream_dataset(path: str | Path, stream: Stream, cache: bool) -> SegDataset:
     """The training split's rows of one stream."""
-    return SegDataset(path, "train", rows=stream.rows, masks=stream.masks, cache=cache)
+    return SegDataset(path, "train", rows=stream.rows, masks=stream.masks,
+                      labeled_fraction=stream.labeled_fraction, cache=cache)  # fmt: skip
