@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,10 @@ def save_shared(directory: Path, files: dict[str, bytes]) -> None:
         (directory / SHARED_DIR / name).write_bytes(data)
 
 
+class UnreadableCheckpoint(RaysegbgError):
+    """A checkpoint that is truncated or corrupt; an older one of the run may still be good."""
+
+
 def load_state(directory: Location, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The training state of a checkpoint, plus its shared-state files under "shared".
 
@@ -53,44 +59,110 @@ def load_state(directory: Location, map_location: str | torch.device = "cpu") ->
         raise RaysegbgError(f"{directory} is not a raysegbg checkpoint (no {STATE_FILE})")
     if storage.is_uri(directory):
         with tempfile.TemporaryDirectory(prefix="raysegbg-ckpt-") as tmp:
-            return load_state(storage.download_dir(directory, Path(tmp)), map_location)
-    state = torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=False)
+            local = storage.download_dir(directory, Path(tmp))
+            try:
+                return load_state(local, map_location)
+            except RaysegbgError as exc:  # name the checkpoint, not the temporary copy
+                raise type(exc)(str(exc).replace(str(local), str(directory))) from None
+    state = _load_tensors(Path(directory) / STATE_FILE, map_location)
     shared = Path(directory) / SHARED_DIR
     if shared.is_dir():
         state["shared"] = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
     return state
 
 
+def _load_tensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """torch.load that never runs code: a checkpoint holds only tensors, dicts, lists, numbers
+    and strings, which `weights_only` reads without importing anything."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RaysegbgError(
+            f"{path} is not a raysegbg checkpoint (it holds code or objects other than tensors, "
+            f"refused): {_reason(exc)}; pass a checkpoint written by `raysegbg train`"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
+        raise UnreadableCheckpoint(f"{path} is truncated or corrupt ({_reason(exc)})") from None
+
+
+def _reason(exc: Exception) -> str:
+    """The line of torch's long load error that says what is wrong."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(boilerplate)]
+    line = lines[0].split(". This is an internal")[0] if lines else ""
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def list_checkpoints(run_dir: Location) -> list[tuple[Location, dict[str, Any]]]:
     """(folder, meta) of every complete checkpoint of a run, oldest first; a run in an object
-    store gives URIs."""
+    store gives URIs. A folder whose meta.json is cut short is skipped with a warning."""
     found = []
     for entry in storage.listdir(run_dir):
         folder = storage.join(run_dir, entry)
         meta = storage.join(folder, META_FILE)
         if not entry.startswith("epoch_") or not storage.is_file(meta):
             continue
-        if storage.is_file(storage.join(folder, STATE_FILE)):
+        if not storage.is_file(storage.join(folder, STATE_FILE)):
+            continue
+        try:
             found.append((folder, json.loads(storage.read_text(meta))))
+        except ValueError:
+            _warn(f"skipping checkpoint {folder}: its {META_FILE} is truncated or corrupt")
     return found
 
 
-def pick_checkpoint(run_dir: Location, which: str = "best", score: str = "val/miou") -> Location:
-    """The best (highest `score`) or the last checkpoint of a finished or running run."""
+def ranked_checkpoints(
+    run_dir: Location, which: str = "best", score: str = "val/miou"
+) -> list[Location]:
+    """A run's checkpoint folders, the one to use first: by `score` (then epoch) for "best",
+    by epoch for "last"."""
     found = list_checkpoints(run_dir)
     if not found:
         raise RaysegbgError(
             f"no checkpoint in {run_dir}: pass the run folder printed by `raysegbg train` "
             "(<storage_path>/<run name>)"
         )
-    if which == "last":
-        return max(found, key=lambda f: f[1]["epoch"])[0]
 
     def value(meta: dict[str, Any]) -> float:
         v = meta.get("metrics", {}).get(score, float("nan"))
         return -math.inf if v != v else v
 
-    return max(found, key=lambda f: (value(f[1]), f[1]["epoch"]))[0]
+    if which == "last":
+        found.sort(key=lambda f: f[1]["epoch"], reverse=True)
+    else:
+        found.sort(key=lambda f: (value(f[1]), f[1]["epoch"]), reverse=True)
+    return [folder for folder, _ in found]
+
+
+def pick_checkpoint(run_dir: Location, which: str = "best", score: str = "val/miou") -> Location:
+    """The best (highest `score`) or the last checkpoint of a finished or running run."""
+    return ranked_checkpoints(run_dir, which, score)[0]
+
+
+def load_checkpoint(
+    run_dir: Location, which: str = "best", score: str = "val/miou"
+) -> tuple[Location, dict[str, Any]]:
+    """The folder and state of the checkpoint `pick_checkpoint` names; if that one is
+    truncated or corrupt (a crash while it was written), the next in line, with a warning.
+    Ray keeps at least two checkpoints of a run for this (see `ray_train.run_trainer`)."""
+    folders = ranked_checkpoints(run_dir, which, score)
+    for folder, fallback in zip(folders[:-1], folders[1:], strict=True):
+        try:
+            return folder, load_state(folder)
+        except UnreadableCheckpoint as exc:
+            _warn(f"{exc}: falling back to {fallback}")
+    try:
+        return folders[-1], load_state(folders[-1])
+    except UnreadableCheckpoint as exc:
+        raise RaysegbgError(
+            f"no readable checkpoint in {run_dir}: {exc}; restore the run folder from a copy, "
+            "or train the run again"
+        ) from None
 
 
 def run_config(run_dir: Location) -> Config:

@@ -15,16 +15,18 @@ from raysegbg.errors import RaysegbgError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from raysegbg.config import load_config, replace
+    from raysegbg.config import check_name, load_config, replace
     from raysegbg.ray_train import fit, print_summary
 
+    if args.name is not None:
+        check_name("--name", args.name)
     cfg = load_config(args.config, args.set)
     scaling = {}
     if args.workers:
         scaling["workers"] = args.workers
     if args.gpu:
         scaling["use_gpu"] = True
-    if args.name:
+    if args.name is not None:
         cfg = replace(cfg, logging={"name": args.name})
     cfg = replace(cfg, scaling=scaling) if scaling else cfg
     result = fit(cfg, address=args.address)
@@ -50,7 +52,7 @@ def _predict(args: argparse.Namespace) -> int:
     from raysegbg.inference import predict_folder
     from raysegbg.storage import location
 
-    count = predict_folder(location(args.run), Path(args.input), Path(args.output))
+    count = predict_folder(location(args.run), Path(args.input), Path(args.output), args.overwrite)
     print(f"wrote {count} masks to {args.output}")
     return 0
 
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write PNG masks for a folder of images")
     p.add_argument("--run", required=True, help="run folder or URI (<storage_path>/<name>)")
     p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="mask folder, outside --input")
+    p.add_argument("--overwrite", action="store_true", help="replace masks already in --output")
     p.set_defaults(func=_predict)
 
     from raysegbg.data.commands import add_data_commands

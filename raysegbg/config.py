@@ -7,6 +7,7 @@ lists the valid keys instead of a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -329,6 +330,21 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise RaysegbgError(message)
+    if cfg.logging.name:  # empty: a name is made up when the run starts
+        check_name("logging.name", cfg.logging.name)
+
+
+def check_name(key: str, name: str) -> None:
+    """A run or search name becomes one folder directly inside the storage path: anything
+    that could point elsewhere (a separator, so also an absolute path; `..`; a leading `.`)
+    or that names no folder at all is refused."""
+    bad = any(c in name for c in "/\\\0") or ".." in name or name.startswith(".")
+    if bad or not name.strip():
+        fix = re.sub(r"[/\\\0]+|\.\.+", "-", name).strip(" .-") or "my-run"
+        raise RaysegbgError(
+            f"{key}={name!r} is not a plain folder name (no '/', '\\', '..', leading '.', "
+            f"or empty): use one name inside logging.storage_path, e.g. {fix!r}"
+        )
 
 
 def check(ok: bool, message: str) -> None:

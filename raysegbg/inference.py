@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from raysegbg import storage
-from raysegbg.checkpoint import load_state, pick_checkpoint, run_config
+from raysegbg.checkpoint import load_checkpoint, run_config
 from raysegbg.config import Config
 from raysegbg.data.format import DatasetMeta, read_meta
 from raysegbg.data.loader import PAD_MULTIPLE, SegDataset, eval_batches
@@ -37,10 +38,10 @@ def load_run(
             "by `raysegbg train`"
         )
     cfg = run_config(run_dir)
-    ckpt = pick_checkpoint(run_dir, which, cfg.logging.score)
+    ckpt, state = load_checkpoint(run_dir, which, cfg.logging.score)
     meta = read_meta(cfg.data.path)
     method = build_method(cfg, meta.num_classes, meta.channels, meta.ignore_index)
-    method.load_state_dict(load_state(ckpt)["method"])
+    method.load_state_dict(state["method"])
     return cfg, meta, method.eval(), ckpt
 
 
@@ -66,9 +67,39 @@ def _load_image(path: Path, channels: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_folder(run_dir: Location, input_dir: Path, output_dir: Path) -> int:
-    """Write one PNG class-id mask per input image; the folder appears complete or not at all."""
+def predict_folder(
+    run_dir: Location, input_dir: Path, output_dir: Path, overwrite: bool = False
+) -> int:
+    """Write one PNG class-id mask per input image. The masks are written to a temporary
+    folder beside `output_dir` and moved in only when all are done, so a failure leaves no
+    half-written mask; an existing mask is replaced only with `overwrite`."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    files = _input_images(input_dir, output_dir)
+    _check_outputs(files, output_dir, overwrite)
+    _, meta, method, _ = load_run(run_dir)
+    images = [_load_image(p, meta.channels) for p in files]  # all readable before any write
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        for path, arr in zip(files, images, strict=True):
+            Image.fromarray(_predict_one(method, arr)).save(tmp / f"{path.stem}.png")
+        _move_into(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return len(files)
+
+
+def _move_into(tmp: Path, output_dir: Path) -> None:
+    """Rename the finished masks into place (one rename each, or of the whole folder)."""
+    if not output_dir.exists():
+        os.replace(tmp, output_dir)
+        return
+    for p in tmp.iterdir():
+        os.replace(p, output_dir / p.name)
+
+
+def _input_images(input_dir: Path, output_dir: Path) -> list[Path]:
+    """The images to segment, after making sure no mask can land on top of one."""
     files = (
         sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if input_dir.is_dir()
@@ -76,20 +107,32 @@ def predict_folder(run_dir: Location, input_dir: Path, output_dir: Path) -> int:
     )
     if not files:
         raise RaysegbgError(f"no images (.png/.jpg/...) in {input_dir}: pass a folder of images")
-    _, meta, method, _ = load_run(run_dir)
-    images = [_load_image(p, meta.channels) for p in files]  # all readable before any write
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    for path, arr in zip(files, images, strict=True):
-        mask = _predict_one(method, arr)
-        Image.fromarray(mask).save(tmp / f"{path.stem}.png")
-    if output_dir.exists():
-        for p in tmp.iterdir():
-            os.replace(p, output_dir / p.name)
-        tmp.rmdir()
-    else:
-        os.replace(tmp, output_dir)
-    return len(files)
+    if output_dir.resolve().is_relative_to(input_dir.resolve()):
+        raise RaysegbgError(
+            f"--output {output_dir} is --input {input_dir} or inside it, so masks could "
+            "overwrite the images: pass an output folder outside the input folder"
+        )
+    return files
+
+
+def _check_outputs(files: list[Path], output_dir: Path, overwrite: bool) -> None:
+    """Refuse two images with one mask name, and existing masks unless `overwrite`."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RaysegbgError(f"--output {output_dir} is a file: pass a folder")
+    seen: dict[str, Path] = {}
+    for path in files:
+        if path.stem in seen:
+            raise RaysegbgError(
+                f"{seen[path.stem].name} and {path.name} would both be written to "
+                f"{path.stem}.png: rename one of them"
+            )
+        seen[path.stem] = path
+    existing = [s for s in seen if (output_dir / f"{s}.png").exists()]
+    if existing and not overwrite:
+        raise RaysegbgError(
+            f"{len(existing)} mask(s) already in {output_dir} (e.g. {existing[0]}.png): pass "
+            "--overwrite to replace them, or choose another --output"
+        )
 
 
 def _predict_one(method: Method, arr: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from raysegbg import jobs
+from raysegbg.config import check_name
 from raysegbg.errors import RaysegbgError
 
 ENTRY_PREFIX = "python -m raysegbg.cli "
@@ -207,6 +208,9 @@ def prepare_command(
             "give the cluster to `raysegbg submit --address`"
         )
     resume = _pop_option(args, "--resume")[1] if args[0] == "tune" else None
+    for flag, value in (("--name", name), ("--name", own_name), ("--resume", resume)):
+        if value is not None:
+            check_name(flag, value)
     names = {n for n in (name, own_name, resume) if n}
     if len(names) > 1:
         raise RaysegbgError(f"several run names ({', '.join(sorted(names))}): pass one")

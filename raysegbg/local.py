@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from raysegbg.checkpoint import list_checkpoints, load_state
+from raysegbg.checkpoint import list_checkpoints, load_checkpoint
 from raysegbg.config import Config, save_config
 from raysegbg.registry import method_class
 from raysegbg.state.actor import SharedState
@@ -36,8 +36,10 @@ class LocalHost:
             tmp.rename(target)
 
     def restore(self) -> dict[str, Any] | None:
-        found = list_checkpoints(self.run_dir)
-        return load_state(max(found, key=lambda f: f[1]["epoch"])[0]) if found else None
+        """The newest readable checkpoint's state (a truncated newest one falls back)."""
+        if not list_checkpoints(self.run_dir):
+            return None
+        return load_checkpoint(self.run_dir, "last")[1]
 
     def context(self, **kwargs: Any) -> WorkerContext:
         return WorkerContext(

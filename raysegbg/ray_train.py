@@ -241,7 +241,11 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
             name=cfg.logging.name,
             storage_path=cfg.logging.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1,  # the best by score; Ray always keeps the latest too
+                # Ray keeps the top `num_to_keep` by score plus always the latest. With 1, a run
+                # whose latest is also its best has a single checkpoint, and nothing to fall
+                # back to if that one is cut short; with 2 there are always at least two
+                # (`checkpoint.load_checkpoint` skips an unreadable one).
+                num_to_keep=2,
                 checkpoint_score_attribute=cfg.logging.score,
                 checkpoint_score_order="max",
             ),

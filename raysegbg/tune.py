@@ -30,7 +30,7 @@ from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from raysegbg import storage
-from raysegbg.config import Config, from_dict, load_config, replace, to_dict
+from raysegbg.config import Config, check_name, from_dict, load_config, replace, to_dict
 from raysegbg.errors import RaysegbgError
 from raysegbg.ray_train import init_ray, preflight, resolve_run, run_trainer
 from raysegbg.search_space import SearchSpace, apply_params, load_space, parse_space
@@ -153,6 +153,7 @@ def _preflight(cfg: Config, space: SearchSpace, address: str | None) -> None:
 
 
 def _resume_plan(opts: SearchOptions) -> dict[str, Any]:
+    check_name("--resume", opts.resume)  # it is joined to the storage path below
     root = storage.location(load_config(opts.config, opts.overrides).logging.storage_path)
     search_dir = root / opts.resume
     if storage.is_uri(search_dir):

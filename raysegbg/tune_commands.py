@@ -83,7 +83,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """SearchOptions fields from the parsed arguments."""
+    """SearchOptions fields from the parsed arguments (a search's name checked here, before
+    Ray starts: an empty `--name ""` would otherwise quietly become the default)."""
+    from raysegbg.config import check_name
+
+    for flag, value in (("--name", args.name), ("--resume", args.resume)):
+        if value is not None:
+            check_name(flag, value)
     same = ("space", "config", "samples", "max_concurrent", "scheduler", "grace", "address")
     opts = {key: getattr(args, key) for key in (*same, "metric", "mode", "seed")}
     return {**opts, "overrides": args.set, "name": args.name or "", "resume": args.resume or ""}
