@@ -18,6 +18,7 @@ METHODS = {
     "mcibi": ["method.mcibi.dims=16", "method.mcibi.attention_dims=8"],
     "colab": [],
     "prn": ["method.prn.base_epochs=6", "train.epochs=3"],
+    "rrn": ["method.rrn.labeled_fraction=0.5"],  # half the masks hidden: semi-supervised
     "tests.toy_method:Toy": [],
 }
 # The all-background predictor has foreground IoU 0. A short run of a working method reaches
@@ -66,7 +67,7 @@ def train_until(cfg, run_dir: Path, reports: int | None, monkeypatch) -> None:
 
 # where to interrupt: inside a stage, and for prn inside the refiner stage (after base 2,
 # labels 1, refine 1 of 2 epochs); a resume at a stage boundary: tests/test_prn.py
-RESUME = [("baseline", 1), ("mcibi", 2), ("colab", 1), ("prn", 4),
+RESUME = [("baseline", 1), ("mcibi", 2), ("colab", 1), ("prn", 4), ("rrn", 1),
           ("tests.toy_method:Toy", 1)]  # fmt: skip
 
 
@@ -80,6 +81,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
         extra.update({"method.prn.base_epochs": 2, "train.epochs": 2})
     if method == "mcibi":
         extra.update({"method.mcibi.dims": 16, "method.mcibi.attention_dims": 8})
+    if method == "rrn":  # resumed after the warm-up epoch: filtering starts in the resumed part
+        extra.update({"method.rrn.labeled_fraction": 0.5, "method.rrn.warmup_epochs": 1})
     if method != "colab":
         del extra["method.colab.update_interval"]
     cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, **extra))

@@ -21,6 +21,8 @@ ground truth (`labeled_fraction` < 1), the accuracy of kept versus dropped regio
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -158,7 +160,7 @@ class Rrn(Method):
         if p.cps_weight > 0:  # each network learns the other's (kept, weighted) pseudo-labels
             losses["cps"] = self.pseudo_loss(outputs[0][n:], labels[1], weights[1])
             losses["cps"] = losses["cps"] + self.pseudo_loss(outputs[1][n:], labels[0], weights[0])
-            total = total + p.cps_weight * losses["cps"]
+            total = total + rampup(info.epoch, p.rampup_epochs) * p.cps_weight * losses["cps"]
         losses["loss"] = total
         step.optimize(total, "net1", "net2")
         losses["disc"] = sum(
@@ -252,6 +254,11 @@ class Rrn(Method):
 
     def tb_histograms(self) -> dict[str, np.ndarray]:
         return {} if self.scores is None else {"rrn/region_scores": self.scores}
+
+
+def rampup(epoch: int, epochs: int) -> float:
+    """exp(-5 (1 - t)^2) at t = epoch / epochs, 1 from then on (Laine & Aila's ramp-up)."""
+    return 1.0 if epoch >= epochs else math.exp(-5 * (1 - epoch / epochs) ** 2)
 
 
 def _accuracy_report(c: list[float]) -> dict[str, float]:

@@ -25,6 +25,10 @@ class RrnParams:
     region: int = param(8, "region size in pixels (the discriminator's stride; a power of 2)")
     cps_weight: float = param(1.0, "weight of the unlabeled (cross pseudo-label) loss; 0: off")
     correction: bool = param(True, "lower a region's loss weight where the networks disagree")
+    rampup_epochs: int = param(
+        2, "epochs over which the unlabeled loss weight rises to cps_weight (a sigmoid-shaped "
+        "ramp: networks trained from scratch first learn from the labels)",
+    )  # fmt: skip
     warmup_epochs: int = param(1, "epochs of unfiltered cross pseudo supervision first")
     cutmix: bool = param(True, "mix unlabeled pairs with a box (and their pseudo-labels)")
     disc_lr: float = param(1e-4, "Adam lr of the discriminators (constant)")
@@ -48,7 +52,8 @@ class RrnParams:
         check(self.label_images >= -1, "method.rrn.label_images must be -1 (all), 0 or more")
         check(self.cps_weight >= 0 and math.isfinite(self.cps_weight),
               "method.rrn.cps_weight must be a finite number >= 0")  # fmt: skip
-        check(self.warmup_epochs >= 0, "method.rrn.warmup_epochs must be >= 0")
+        check(self.warmup_epochs >= 0 and self.rampup_epochs >= 0,
+              "method.rrn.warmup_epochs and rampup_epochs must be >= 0")  # fmt: skip
         check(self.disc_lr > 0 and self.disc_channels >= 1,
               "method.rrn.disc_lr must be > 0 and disc_channels >= 1")  # fmt: skip
         check_choice("method.rrn.inference", self.inference, ("average", "net1", "net2"))

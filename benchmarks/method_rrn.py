@@ -1,0 +1,144 @@
+"""rrn versus supervised-only and versus cross pseudo supervision without filtering (1/8 labeled).
+
+A fixed share of the training images keeps its masks (`--labeled`, 1/8 by default); the others
+are unlabeled, their masks hidden from training and used only to measure the pseudo-labels.
+Same two networks, data, schedule and seeds in every variant; only the method changes:
+
+- supervised: the labeled images only (`cps_weight=0`);
+- cps: cross pseudo supervision with CutMix, no filter, no correction (`threshold=0`);
+- rrn: region filtering and disagreement correction, its threshold chosen among
+  `--thresholds` by mean validation mIoU over the seeds (the test split is read once, for
+  the table).
+
+Tasks: the built-in `multiclass` set, and the MRI lobes task (mricron-data ch2 + AAL grouped
+into 7 lobes) when mricron-data is installed. mIoU ×100 on the test split, mean ± std over
+seeds; the pseudo-label accuracy of kept and of dropped regions (rrn, last epoch, unlabeled
+training images against their hidden masks).
+
+Goals, per task: rrn's mean test mIoU above supervised and above cps; rrn's kept regions more
+accurate than its dropped ones. Exit 1 if one is missed.
+
+    python benchmarks/method_rrn.py [--seeds 0 1 2] [--epochs 8] [--tasks multiclass mri-lobes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import MRICRON, check, make_mri_lobes, report
+
+from raysegbg.config import load_config
+from raysegbg.data.synthetic import make_dataset
+from raysegbg.inference import evaluate_run
+from raysegbg.local import train_local
+
+KEPT = ("rrn/kept_acc", "rrn/dropped_acc", "rrn/kept_share")
+
+
+def train_and_score(overrides: list[str], seed: int, root: Path) -> dict[str, float]:
+    """One seeded in-process run: val and test mIoU of its best (by validation) checkpoint,
+    and the last epoch's kept / dropped pseudo-label accuracy."""
+    name = f"r{len(list(root.iterdir()))}"
+    cfg = load_config(None, [*overrides, f"train.seed={seed}", f"logging.storage_path={root}",
+                             f"logging.name={name}"])  # fmt: skip
+    metrics, _ = train_local(cfg, root / name, log=lambda line: None)
+    out = {k: metrics.get(k, float("nan")) for k in KEPT}
+    out["val"] = evaluate_run(root / name, "val")["miou"]
+    out["test"] = evaluate_run(root / name, "test")["miou"]
+    return out
+
+
+def mean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.mean(finite) if finite else float("nan")
+
+
+def cell(values: list[float], scale: float = 100.0) -> str:
+    v = [x * scale for x in values if x == x]
+    if not v:
+        return f"{'-':>15}"
+    std = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):>8.2f} ± {std:<5.2f}"
+
+
+def row(task: str, variant: str, runs: list[dict[str, float]], test: bool) -> str:
+    column = lambda key: cell([r[key] for r in runs])  # noqa: E731
+    kept = "".join(column(k) for k in KEPT)
+    return f"{task:<12}{variant:<12}{column('val')}{column('test') if test else cell([])}{kept}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12, help="steps per epoch")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--labeled", type=float, default=0.125)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    parser.add_argument("--tasks", nargs="+", default=["multiclass", "mri-lobes"])
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
+    args = parser.parse_args()
+    common = ["method.name=rrn", f"method.rrn.labeled_fraction={args.labeled}",
+              "model.encoder_depth=3", "model.decoder_channels=[32,16,8]", "optim.lr=3e-3",
+              f"train.epochs={args.epochs}", "train.batch_size=8",
+              f"train.steps_per_epoch={args.steps}", f"data.crop_size={args.size}",
+              "logging.image_every=1000", *args.set]  # fmt: skip
+    variants = {
+        "supervised": ["method.rrn.cps_weight=0"],
+        "cps": ["method.rrn.threshold=0", "method.rrn.correction=false"],
+        **{f"rrn@{t:g}": [f"method.rrn.threshold={t}"] for t in args.thresholds},
+    }
+    goals, rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = {}
+        if "multiclass" in args.tasks:
+            make_dataset("multiclass", Path(tmp) / "mc", n=480, size=args.size, seed=0)
+            tasks["multiclass"] = Path(tmp) / "mc"
+        if "mri-lobes" in args.tasks and (MRICRON / "aal.nii.gz").is_file():
+            tasks["mri-lobes"] = make_mri_lobes(Path(tmp) / "mri", args.size)
+        for task, data in tasks.items():
+            root = Path(tmp) / f"runs-{task}"
+            root.mkdir()
+            results: dict[str, list[dict[str, float]]] = {}
+            for variant, overrides in variants.items():
+                results[variant] = []
+                for seed in args.seeds:
+                    start = time.perf_counter()
+                    r = train_and_score([*common, f"data.path={data}", *overrides], seed, root)
+                    results[variant].append(r)
+                    print(f"{task:<11} {variant:<11} seed {seed}  val {r['val']:.4f}  test "
+                          f"{r['test']:.4f}  kept {r['rrn/kept_acc']:.4f} dropped "
+                          f"{r['rrn/dropped_acc']:.4f} share {r['rrn/kept_share']:.3f}  "
+                          f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            chosen = max((v for v in variants if v.startswith("rrn@")),
+                         key=lambda v: mean([r["val"] for r in results[v]]))  # fmt: skip
+            for variant in variants:
+                shown = variant in ("supervised", "cps", chosen)  # test: only what is compared
+                mark = "  <- chosen on val" if variant == chosen else ""
+                rows.append(row(task, variant, results[variant], shown) + mark)
+            test = {v: mean([r["test"] for r in results[v]]) * 100 for v in results}
+            rrn = results[chosen]
+            goals += [
+                check(f"{task}: rrn ({chosen}) test mIoU > supervised", test[chosen],
+                      test["supervised"], strict=True),
+                check(f"{task}: rrn ({chosen}) test mIoU > cps", test[chosen], test["cps"],
+                      strict=True),
+                check(f"{task}: rrn kept-region accuracy > dropped-region accuracy",
+                      mean([r["rrn/kept_acc"] for r in rrn]) * 100,
+                      mean([r["rrn/dropped_acc"] for r in rrn]) * 100, strict=True),
+            ]  # fmt: skip
+    print(f"\nlabeled {args.labeled}; seeds {args.seeds}; {args.epochs} epochs x {args.steps} "
+          f"steps; {args.size} px; extra {args.set}\n")  # fmt: skip
+    head = (f"{'task':<12}{'variant':<12}{'val mIoU':>15}{'test mIoU':>15}{'kept acc':>15}"
+            f"{'dropped acc':>15}{'kept share':>15}")  # fmt: skip
+    print(head + "\n" + "-" * len(head) + "\n" + "\n".join(rows))
+    sys.exit(report(goals))
+
+
+if __name__ == "__main__":
+    main()
