@@ -9,6 +9,7 @@ import torch
 
 from raysegbg.config import load_config
 from raysegbg.data.loader import SegDataset
+from raysegbg.data.synthetic import make_dataset
 from raysegbg.errors import RaysegbgError
 from raysegbg.local import train_local
 from raysegbg.methods.rrn.method import Rrn
@@ -135,10 +136,18 @@ def test_streams_split_the_training_set_and_hide_the_unlabeled_masks(tiny_data, 
     assert bool((batch.masks != 255).any())
 
 
-def test_a_dataset_without_unlabeled_rows_is_refused_before_training(tiny_data, tmp_path):
+def test_without_unlabeled_rows_the_labeled_images_are_the_unlabeled_stream(tiny_data, tmp_path):
     cfg = rrn_config(tiny_data, tmp_path, **{"method.rrn.labeled_fraction": 1.0})
-    with pytest.raises(RaysegbgError, match="no unlabeled samples.*labeled_fraction"):
-        preflight(cfg, None)
+    preflight(cfg, None)  # runs (and is searched) on any dataset with masks
+    lines = []
+    trainer = Trainer(cfg, WorkerContext(run_dir=tmp_path / "unused", log=lines.append))
+    assert trainer.unlabeled_ds.ids == trainer.train_ds.ids
+    assert bool((next(trainer.loader.epoch(0)).unlabeled.masks == 255).all())
+    assert "no unlabeled rows" in lines[0]
+    no_masks = tmp_path / "no_masks"
+    make_dataset("hetero_bg", no_masks, n=20, size=32, seed=0, labeled_fraction=0.0)
+    with pytest.raises(RaysegbgError, match="no labeled samples"):
+        preflight(rrn_config(no_masks, tmp_path), None)
 
 
 def test_inference_averages_the_two_networks(tiny_data, tmp_path):

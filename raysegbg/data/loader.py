@@ -59,14 +59,17 @@ def not_in_holdout(image_id: str, fraction: float, group: str = "") -> bool:
     return not in_holdout(image_id, fraction, group)
 
 
-def check_rows(path: str | Path, split: str, labeled_fraction: float, *rows: str) -> None:
-    """One line, before any training, when a split has none of the `rows` a method reads
-    (`labeled` / `unlabeled` at this labeled fraction); reads only ids and masks."""
+def row_kinds(path: str | Path, split: str, labeled_fraction: float) -> set[str]:
+    """Which kinds of row (`labeled`, `unlabeled`) a split has at this labeled fraction;
+    reads only ids and masks."""
     table = read_split(path, split, columns=["id", "mask"])
-    found = {
-        _row_kind(image_id, mask, labeled_fraction)
-        for image_id, mask in zip(table["id"].to_pylist(), table["mask"].to_pylist(), strict=True)
-    }
+    ids, masks = table["id"].to_pylist(), table["mask"].to_pylist()
+    return {_row_kind(i, m, labeled_fraction) for i, m in zip(ids, masks, strict=True)}
+
+
+def check_rows(path: str | Path, split: str, labeled_fraction: float, *rows: str) -> None:
+    """One line, before any training, when a split has none of the `rows` a method reads."""
+    found = row_kinds(path, split, labeled_fraction)
     for kind in rows:
         if kind not in found:
             fix = UNLABELED_FIX if kind == "unlabeled" else LABELED_FIX

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from raysegbg import dist
 from raysegbg.config import Config
-from raysegbg.data.loader import SegDataset, check_rows, eval_batches
+from raysegbg.data.loader import SegDataset, check_rows, eval_batches, row_kinds
 from raysegbg.methods.base import Batch, Method, Optim, Stage, StageRun, Step, Stream
 from raysegbg.methods.losses import cross_entropy, upcast
 from raysegbg.methods.rrn.params import RrnParams
@@ -68,15 +68,22 @@ class Rrn(Method):
 
     @classmethod
     def check_data(cls, cfg: Config, num_classes: int) -> None:
-        check_rows(cfg.data.path, "train", cfg.method.rrn.labeled_fraction, "labeled", "unlabeled")
+        check_rows(cfg.data.path, "train", cfg.method.rrn.labeled_fraction, "labeled")
+
+    def unlabeled_rows(self) -> str:
+        """`unlabeled`; on a set without unlabeled rows, `all`: the labeled images with their
+        masks hidden (cross pseudo supervision also applies to labeled images), so rrn runs,
+        and is searched, on any dataset."""
+        kinds = row_kinds(self.cfg.data.path, "train", self.params.labeled_fraction)
+        return "unlabeled" if "unlabeled" in kinds else "all"
 
     # -- what the training loop sees ------------------------------------------------------
     def streams(self) -> dict[str, Stream]:
         p = self.params
         return {
             "train": Stream("labeled", labeled_fraction=p.labeled_fraction),
-            "unlabeled": Stream("unlabeled", batch_size=p.unlabeled_batch, masks=False,
-                                labeled_fraction=p.labeled_fraction),
+            "unlabeled": Stream(self.unlabeled_rows(), batch_size=p.unlabeled_batch,
+                                masks=False, labeled_fraction=p.labeled_fraction),
         }  # fmt: skip
 
     def optimizers(self, stage: Stage) -> list[Optim]:
@@ -88,10 +95,14 @@ class Rrn(Method):
 
     def enter_stage(self, stage: Stage, run: StageRun) -> None:
         self.run = run
+        rows = self.unlabeled_rows()
+        if rows == "all":
+            run.log("rrn: no unlabeled rows (method.rrn.labeled_fraction=1): the labeled images, "
+                    "masks hidden, are the unlabeled stream")  # fmt: skip
         if self.params.label_images:
             p, data = self.params, self.cfg.data
             self.hidden = SegDataset(
-                data.path, "train", rows="unlabeled", cache=data.cache,
+                data.path, "train", rows=rows, cache=data.cache,
                 labeled_fraction=p.labeled_fraction, hidden_masks=True,
             )  # fmt: skip
             if p.label_images > 0:
