@@ -19,8 +19,11 @@ METHODS = {
     "colab": [],
     "prn": ["method.prn.base_epochs=6", "train.epochs=3"],
     # half the masks hidden (semi-supervised); no end-of-epoch labelling, to keep it short
-    "rrn": ["method.rrn.labeled_fraction=0.5", "method.rrn.label_images=0",
-            "method.rrn.unlabeled_batch=4"],
+    "rrn": [
+        "method.rrn.labeled_fraction=0.5",
+        "method.rrn.label_images=0",
+        "method.rrn.unlabeled_batch=4",
+    ],
     "tests.toy_method:Toy": [],
 }
 # The all-background predictor has foreground IoU 0. A short run of a working method reaches
