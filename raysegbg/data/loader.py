@@ -41,8 +41,8 @@ def _row_kind(image_id: str, mask: bytes | None, labeled_fraction: float) -> str
 
 
 def in_labeled_share(image_id: str, fraction: float) -> bool:
-    """A fixed share of ids (its own hash, not the hold-out's), e.g. 1/8 labeled."""
-    return zlib.crc32(f"labeled:{image_id}".encode()) % 10_000 < fraction * 10_000
+    """A fixed share of ids (hashed with a prefix, so not the hold-out's share), e.g. 1/8."""
+    return in_holdout(f"labeled:{image_id}", fraction)
 
 
 def in_holdout(image_id: str, fraction: float, group: str = "") -> bool:

@@ -72,6 +72,13 @@ class StateClient:
         confidences = None if confidences is None else list(confidences)
         self._pending.append(self._call("put_labels", list(ids), list(masks), confidences, step))
 
+    def put_many(self, items, step: int = 0, chunk: int = 256) -> None:
+        """(id, mask, confidence) items, sent `chunk` per call; returns once all are in."""
+        for start in range(0, len(items), chunk):
+            ids, masks, confidences = zip(*items[start : start + chunk], strict=True)
+            self.put_labels(ids, masks, confidences, step)
+        self.flush()
+
     def get_labels(self, ids) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
         return self._wait(self._call("get_labels", list(ids)))
 

@@ -87,10 +87,7 @@ def _label_report(counts: torch.Tensor, searched: list[int], images: int, log) -
 
 def _write_labels(items: list, run: StageRun) -> None:
     _need_store(run)
-    for start in range(0, len(items), LABEL_CHUNK):
-        keys, labels, thresholds = zip(*items[start : start + LABEL_CHUNK], strict=True)
-        run.state.put_labels(keys, labels, thresholds, step=0)
-    run.state.flush()
+    run.state.put_many(items, chunk=LABEL_CHUNK)
 
 
 def read_labels(run: StageRun, sizes: list[int]) -> Labels:

@@ -21,6 +21,7 @@ ground truth (`labeled_fraction` < 1), the accuracy of kept versus dropped regio
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -46,7 +47,6 @@ from raysegbg.methods.rrn.regions import (
 )  # fmt: skip
 from raysegbg.models import build_model
 
-LABEL_CHUNK = 256  # pseudo-labels per call to the store
 SHOWN = 4  # unlabeled images in the TensorBoard rows
 
 
@@ -70,6 +70,7 @@ class Rrn(Method):
     def check_data(cls, cfg: Config, num_classes: int) -> None:
         check_rows(cfg.data.path, "train", cfg.method.rrn.labeled_fraction, "labeled")
 
+    @functools.cached_property
     def unlabeled_rows(self) -> str:
         """`unlabeled`; on a set without unlabeled rows, `all`: the labeled images with their
         masks hidden (cross pseudo supervision also applies to labeled images), so rrn runs,
@@ -82,7 +83,7 @@ class Rrn(Method):
         p = self.params
         return {
             "train": Stream("labeled", labeled_fraction=p.labeled_fraction),
-            "unlabeled": Stream(self.unlabeled_rows(), batch_size=p.unlabeled_batch,
+            "unlabeled": Stream(self.unlabeled_rows, batch_size=p.unlabeled_batch,
                                 masks=False, labeled_fraction=p.labeled_fraction),
         }  # fmt: skip
 
@@ -95,7 +96,7 @@ class Rrn(Method):
 
     def enter_stage(self, stage: Stage, run: StageRun) -> None:
         self.run = run
-        rows = self.unlabeled_rows()
+        rows = self.unlabeled_rows
         if rows == "all":
             run.log("rrn: no unlabeled rows (method.rrn.labeled_fraction=1): the labeled images, "
                     "masks hidden, are the unlabeled stream")  # fmt: skip
@@ -113,10 +114,10 @@ class Rrn(Method):
     # -- pseudo-labels --------------------------------------------------------------------
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor):
-        """Each network's class probabilities, argmax and region score logits."""
+        """Each network's argmax, and its discriminator's region score logits."""
         probs = [upcast(net(images)).softmax(1) for net in (self.net1, self.net2)]
         scores = [self.disc1(images, probs[0]), self.disc2(images, probs[1])]
-        return probs, [q.argmax(1) for q in probs], scores
+        return [q.argmax(1) for q in probs], scores
 
     def region_weights(self, labels, scores, filtering: bool) -> list[torch.Tensor]:
         """Per pixel, the weight of each network's pseudo-labels in the other's loss: 0 in a
@@ -148,7 +149,7 @@ class Rrn(Method):
         n, images = len(batch.ids), batch.images
         if p.cps_weight > 0:
             unl = batch.unlabeled
-            _, labels, scores = self.pseudo_labels(unl.images)
+            labels, scores = self.pseudo_labels(unl.images)
             weights = self.region_weights(labels, scores, info.epoch >= p.warmup_epochs)
             u_images = unl.images
             if p.cutmix:
@@ -203,7 +204,7 @@ class Rrn(Method):
         for batch in eval_batches(self.hidden, self.cfg.train.val_batch_size, run.rank,
                                   run.world_size):  # fmt: skip
             images, masks = batch.images.to(run.device), batch.masks.to(run.device)
-            _, labels, scores = self.pseudo_labels(images)
+            labels, scores = self.pseudo_labels(images)
             known = masks != self.ignore_index
             for k in (0, 1):
                 keep = to_pixels(kept(scores[k], p.threshold), p.region)
@@ -241,11 +242,7 @@ class Rrn(Method):
         if run.state is None:
             run.log("rrn: no shared state on rank 0, pseudo-labels not stored")
             return
-        flat = [item for part in gathered for item in part]
-        for start in range(0, len(flat), LABEL_CHUNK):
-            keys, labels, scores = zip(*flat[start : start + LABEL_CHUNK], strict=True)
-            run.state.put_labels(keys, labels, scores, step=0)
-        run.state.flush()
+        run.state.put_many([item for part in gathered for item in part])
 
     # -- TensorBoard ----------------------------------------------------------------------
     def tb_images(self) -> dict[str, np.ndarray]:
