@@ -23,6 +23,7 @@ METHODS: dict[str, tuple[str, str]] = {  # name -> (method class, its Params)
     "colab": (f"{M}.colab.method:Colab", f"{M}.colab.params:ColabParams"),
     "prn": (f"{M}.prn.method:Prn", f"{M}.prn.params:PrnParams"),
     "rrn": (f"{M}.rrn.method:Rrn", f"{M}.rrn.params:RrnParams"),
+    "fbr": (f"{M}.fbr.method:Fbr", f"{M}.fbr.params:FbrParams"),
 }
 
 

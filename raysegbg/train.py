@@ -109,6 +109,7 @@ class Trainer:
         keep = stage.keep
         self.stage_ds = self.train_ds if keep is None else self.train_ds.subset(keep)
         self.method.enter_stage(stage, self.stage_run())
+        self.stage_ds = self.method.stage_dataset(stage, self.stage_run())
         self.steps = steps_per_epoch(
             len(self.stage_ds), cfg.train.batch_size, cfg.train.steps_per_epoch
         )

@@ -132,6 +132,20 @@ class SegDataset:
         out._cache = {} if self._cache is not None else None
         return out
 
+    def with_masks(self, masks: dict[str, np.ndarray]) -> SegDataset:
+        """The same rows with these (H×W class id) masks instead, e.g. pseudo masks to train
+        on: augmentation and padding treat them like masks read from the dataset."""
+        missing = [i for i in self.ids if i not in masks]
+        if missing:
+            raise RaysegbgError(
+                f"no mask given for {len(missing)} sample(s) of split '{self.split}', e.g. "
+                f"'{missing[0]}': make the masks for every sample first"
+            )
+        out = copy.copy(self)
+        out._masks = [np.asarray(masks[i]) for i in self.ids]
+        out._cache = {} if self._cache is not None else None
+        return out
+
     def multi_hot(self, indices: list[int]) -> torch.Tensor:
         """(len(indices), num_classes) float 0/1 image-level labels of those rows."""
         out = torch.zeros(len(indices), self.meta.num_classes)
@@ -155,6 +169,8 @@ class SegDataset:
         image = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 127.5 - 1
         if self._masks[i] is None:
             mask = torch.full(image.shape[1:], self.meta.ignore_index, dtype=torch.long)
+        elif isinstance(self._masks[i], np.ndarray):  # given by `with_masks`
+            mask = torch.from_numpy(self._masks[i].astype(np.int64))
         else:
             mask = torch.from_numpy(
                 np.array(decode_png(self._masks[i], what=f"mask of {what}"))

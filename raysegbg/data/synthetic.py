@@ -275,6 +275,73 @@ def _cooccur(rng: np.random.Generator, n: int, size: int) -> Batch:
     return _to_uint8(np.where(inside[..., None], boat, bg)), inside.astype(np.uint8)
 
 
+CONTEXT_CLASSES = ("background", "boat", "plane", "car")
+
+
+def _context_textures(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
+    """The background texture each class always sits on: rippled water (boat), a bright sky
+    with soft clouds (plane), a grey road with dashed lane marks (car)."""
+    yy, xx = _grid(size)
+    phase = _uniform(rng, 0, 6.3, (n,))
+    ripple = 0.5 + 0.5 * np.sin(2 * np.pi * 9 * yy + 3 * np.sin(6 * xx) + phase)
+    water = np.float32([30, 80, 160]) + 40 * ripple[..., None]
+    clouds = _waves(rng, n, size, 1, 2)[..., None] * _waves(rng, n, size, 1, 2)[..., None]
+    sky = np.float32([150, 190, 235]) + 15 * (1 - yy[..., None]) + 30 * clouds
+    dash = ((yy * size + _uniform(rng, 0, 8, (n,))) % 8 < 4) & (np.abs(xx - 0.5) < 0.5)
+    lane = (np.abs((xx * size) % 16 - 8) < 1) & dash
+    road = np.float32([95, 95, 100]) + rng.normal(0, 6, (n, size, size, 1)).astype(np.float32)
+    road = np.where(lane[..., None], np.float32([225, 205, 60]), road)
+    return [water, sky, road]
+
+
+def _contexts_with_map(rng: np.random.Generator, n: int, size: int):
+    """(images, masks, context): 1 or 2 object classes per image, each inside a vertical strip
+    of its own background texture; the rest of the image is a patchwork of other backgrounds.
+    `context` is the class whose texture a background pixel shows (0: other background)."""
+    yy, xx = _grid(size)
+    other = _patchwork(
+        rng, [_dark_smooth(rng, n, size), _bright_noise(rng, n, size), _stripes(rng, n, size)]
+    )
+    textures = _context_textures(rng, n, size)
+    two = rng.random(n) < 0.5
+    picks = np.argsort(rng.random((n, 3)), axis=1) + 1  # a random order of the 3 classes
+    img, mask = other, np.zeros((n, size, size), np.uint8)
+    context = np.zeros((n, size, size), np.uint8)
+    width = np.where(two, rng.uniform(0.38, 0.48, n), rng.uniform(0.45, 0.65, n))
+    left = np.where(two, 0.0, rng.uniform(0, 1 - width))
+    for slot in range(2):
+        cls = picks[:, slot]
+        here = (slot == 0) | two
+        lo = np.where(slot == 0, left, 1 - width)[:, None, None]
+        strip = (xx >= lo) & (xx < lo + width[:, None, None]) & here[:, None, None]
+        look = np.choose((cls - 1)[:, None, None, None], textures)
+        img = np.where(strip[..., None], look, img)
+        context = np.where(strip, cls[:, None, None], context).astype(np.uint8)
+        cx = lo + width[:, None, None] / 2
+        cy = _uniform(rng, 0.25, 0.75, (n,))
+        r = _uniform(rng, 0.1, 0.16, (n,))
+        du, dv = (xx - cx) / r, (yy - cy) / r
+        shapes = {
+            1: (du / 1.5) ** 2 + (dv / 0.6) ** 2 <= 1,  # boat: a flat ellipse
+            2: (np.abs(dv) <= 0.25) | ((np.abs(du) <= 0.22) & (np.abs(dv) <= 1)),  # plane: +
+            3: np.maximum(np.abs(du), np.abs(dv) * 1.4) <= 0.9,  # car: a box
+        }
+        looks = {1: [235, 140, 30], 2: [200, 40, 200], 3: [210, 30, 40]}
+        shade = 0.85 + 0.15 * np.clip(1 - du**2 - dv**2, 0, 1)[..., None]
+        for c in (1, 2, 3):
+            hit = shapes[c] & (np.abs(du) <= 1.6) & (np.abs(dv) <= 1.6) & strip
+            hit &= (cls == c)[:, None, None]
+            img = np.where(hit[..., None], np.float32(looks[c]) * shade, img)
+            mask = np.where(hit, c, mask).astype(np.uint8)
+    context = np.where(mask > 0, 0, context).astype(np.uint8)
+    return _to_uint8(img), mask, context
+
+
+def _contexts(rng: np.random.Generator, n: int, size: int) -> Batch:
+    images, masks, _ = _contexts_with_map(rng, n, size)
+    return images, masks
+
+
 GENERATORS: dict[str, GeneratorSpec] = {
     "hetero_bg": GeneratorSpec(
         _hetero_bg,
@@ -313,7 +380,26 @@ GENERATORS: dict[str, GeneratorSpec] = {
         3,
         "orange boats that always sit on rippled water: background co-occurring with the class",
     ),
+    "contexts": GeneratorSpec(
+        _contexts,
+        CONTEXT_CLASSES,
+        3,
+        "boats on water, planes on sky, cars on road (each class always on its own background "
+        "texture), beside a patchwork of other backgrounds: for weak supervision (fbr)",
+    ),
 }
+
+
+def context_maps(name: str, n: int, size: int, seed: int) -> dict[str, np.ndarray]:
+    """id -> the background-context map of generator `name`'s images (0: other background,
+    c: the texture that class c always sits on), the same images `make_dataset` writes."""
+    if name != "contexts":
+        raise RaysegbgError(f"generator {name!r} has no context maps: use 'contexts'")
+    rng, out = np.random.default_rng([seed, 0]), {}
+    for start in range(0, n, _CHUNK):
+        _, _, maps = _contexts_with_map(rng, min(_CHUNK, n - start), size)
+        out.update({f"{name}_{start + k:05d}": m for k, m in enumerate(maps)})
+    return out
 
 
 def _samples(name: str, spec: GeneratorSpec, n: int, size: int, seed: int, splits: list[str]):

@@ -119,6 +119,12 @@ class Method(nn.Module):
         """Runs on every rank when a stage starts (or a run resumes inside it), before the
         stage's optimisers are built: e.g. choose which networks train, load pseudo-labels."""
 
+    def stage_dataset(self, stage: Stage, run: StageRun) -> Any:
+        """The rows a training stage reads (after `enter_stage`): by default the stage's share
+        of the training split, e.g. `run.dataset.with_masks(pseudo_masks)` to train on masks
+        the method made."""
+        return run.dataset
+
     def run_stage(self, stage: Stage, run: StageRun) -> dict[str, float]:
         """The work of a one-shot stage (every rank calls it); returns scalars to report."""
         raise NotImplementedError(f"{type(self).__name__} has no one-shot stage '{stage.name}'")
