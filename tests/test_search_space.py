@@ -35,7 +35,7 @@ def write(tmp_path: Path, data: object) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["baseline.yaml", "all.yaml"])
+@pytest.mark.parametrize("name", ["baseline.yaml", "all.yaml", "rrn.yaml", "fbr.yaml"])
 def test_shipped_spaces_compile_and_sample_valid_configs(name):
     space = load_space(SPACES / name)
     assert "optim.lr" in space.names

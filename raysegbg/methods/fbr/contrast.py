@@ -47,6 +47,11 @@ def sample(mask: torch.Tensor, count: int, gen: torch.Generator) -> tuple[torch.
     return top.indices, top.values >= 0
 
 
+def pixel_rows(z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, m, D): the features of (B, D, H, W) `z` at the flat pixel positions `index` (B, m)."""
+    return z.flatten(2).transpose(1, 2).gather(1, index[..., None].expand(-1, -1, z.shape[1]))
+
+
 def kmeans(x: torch.Tensor, valid: torch.Tensor, k: int, iters: int):
     """Spherical k-means of every image's points at once: x (B, N, D) normalised, valid (B, N).
 

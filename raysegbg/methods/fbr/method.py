@@ -16,7 +16,8 @@ checkpointed:
      from classes whose prototype is close (intra-foreground contrast, active sampling);
    - the background head also learns where no class is active at all.
 2. `pseudo-masks`: the CAMs of every training image, gated by its image-level labels and cut at
-   `cam_threshold`, become its pseudo mask (key `<id>@fbr` in the run's pseudo-label store,
+   `cam_threshold` (by default the one whose CAMs score best on the validation split), become
+   its pseudo mask (key `<id>@fbr` in the run's pseudo-label store,
    with the peak CAM as confidence); their quality against any hidden masks is reported.
 3. `segment`: a segmentation network (the baseline: cross entropy + soft Dice) trains on the
    pseudo masks, with the run's augmentation; it is what predicts afterwards.
@@ -47,6 +48,7 @@ from raysegbg.methods.fbr.contrast import (
     kmeans,
     normalized_cams,
     nroi_loss,
+    pixel_rows,
     prototypes,
     sample,
 )  # fmt: skip
@@ -56,6 +58,7 @@ from raysegbg.metrics import confusion, summarize
 from raysegbg.models import build_model
 from raysegbg.state.memory import RingBank
 
+GRID = [round(0.05 * k, 2) for k in range(1, 20)]  # cam_threshold=0: chosen among these
 POINTS = 512  # background pixels per image that the k-means clusters
 POOL = 256  # foreground pixels per image that intra-foreground negatives are drawn from
 SHOWN = 4  # validation images in the TensorBoard rows
@@ -111,6 +114,7 @@ class Fbr(Method):
         self.bank = RingBank(p.bank_size, p.proj_dims)
         self.trainable = {n for n, q in self.named_parameters() if q.requires_grad}
         self.stage: Stage = self.stages()[0]
+        self.threshold = p.cam_threshold or 0.3  # until chosen on validation (pseudo-masks)
         self.group = None  # a process group for the prototypes' all-reduce inside backward
         self.pending: torch.Tensor | None = None  # this step's NROIs, enqueued by after_step
         self.masks: dict[str, np.ndarray] = {}  # the segmentation stage's pseudo masks
@@ -172,10 +176,12 @@ class Fbr(Method):
         return self
 
     def get_extra_state(self) -> dict:
-        return {"stage": self.stage.name}  # a checkpoint predicts the way its stage did
+        # a checkpoint predicts the way its stage did, with the CAM threshold chosen then
+        return {"stage": self.stage.name, "threshold": self.threshold}
 
     def set_extra_state(self, state: dict) -> None:
         self.use_stage(state["stage"])
+        self.threshold = state["threshold"]
 
     # -- one step -------------------------------------------------------------------------
     def training_step(self, batch: Batch, step: Step) -> dict[str, torch.Tensor]:
@@ -217,20 +223,13 @@ class Fbr(Method):
         # anchors: uncertain foreground pixels of classes that have a prototype
         own = cams.gather(1, (labels - 1).clamp_min(0)[:, None])[:, 0]
         idx, ok = sample(((labels > 0) & (own < p.sure)).flatten(1), p.anchors, gen)
-        rows = lambda z, i: (
-            z.flatten(2)
-            .transpose(1, 2)
-            .gather(  # noqa: E731
-                1, i[..., None].expand(-1, -1, z.shape[1])
-            )
-        )
-        anchors, classes = rows(zf, idx)[ok], labels.flatten(1).gather(1, idx)[ok]
+        anchors, classes = pixel_rows(zf, idx)[ok], labels.flatten(1).gather(1, idx)[ok]
         keep = has[classes - 1]
         anchors, classes = anchors[keep], classes[keep]
 
         # NROIs: k-means over each image's background features; negatives from the bank too
         pidx, pok = sample((labels == 0).flatten(1), POINTS, gen)
-        centres, _, used = kmeans(rows(zb, pidx), pok, p.nrois, p.kmeans_iters)
+        centres, _, used = kmeans(pixel_rows(zb, pidx), pok, p.nrois, p.kmeans_iters)
         nrois = centres[used]
         self.pending = nrois.detach()
         stored, _ = self.bank.valid()
@@ -242,7 +241,7 @@ class Fbr(Method):
 
         # intra-foreground: negatives drawn from other classes' pixels of this batch
         fidx, fok = sample((labels > 0).flatten(1), POOL, gen)
-        pool, pool_classes = rows(zf, fidx)[fok], labels.flatten(1).gather(1, fidx)[fok]
+        pool, pool_classes = pixel_rows(zf, fidx)[fok], labels.flatten(1).gather(1, fidx)[fok]
         intra = intra_loss(anchors, classes, protos, has, pool, pool_classes, p.negatives,
                            p.temperature, gen)  # fmt: skip
         intra = dist.global_mean(intra, count)
@@ -269,7 +268,7 @@ class Fbr(Method):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         if self.stage.name == "segment":
             return self.seg(images)
-        return cam_logits(self.cams(images), self.params.cam_threshold)
+        return cam_logits(self.cams(images), self.threshold)
 
     # -- stage 2: pseudo masks ------------------------------------------------------------
     @torch.no_grad()
@@ -277,7 +276,10 @@ class Fbr(Method):
         """Every rank masks its share of the training images; rank 0 stores them all.
         Returns the pseudo masks' quality against whatever masks the dataset hides."""
         self.eval()
-        p, n = self.params, self.num_classes
+        n = self.num_classes
+        out = {}
+        if not self.params.cam_threshold:
+            out = self.choose_threshold(run)
         truth = SegDataset(self.cfg.data.path, "train", rows="all", cache=False)
         truth = truth.subset(set(run.dataset.ids).__contains__)
         index = {image_id: i for i, image_id in enumerate(truth.ids)}
@@ -287,7 +289,7 @@ class Fbr(Method):
                                   run.world_size):  # fmt: skip
             present = truth.multi_hot([index[i] for i in batch.ids])[:, 1:].to(run.device)
             cams = self.cams(batch.images.to(run.device), present)
-            labels = cam_labels(cams, p.cam_threshold).cpu()
+            labels = cam_labels(cams, self.threshold).cpu()
             cm += confusion(labels, batch.masks, n, self.ignore_index)
             peak = cams.amax(1).cpu()
             for j, image_id in enumerate(batch.ids):
@@ -301,12 +303,40 @@ class Fbr(Method):
             run.state.put_many([item for part in gathered for item in part], chunk=CHUNK)
         dist.all_reduce_sum(cm)
         report = summarize(cm.numpy(), truth.meta.classes)
-        out = {f"pseudo/{k}": v for k, v in report.items() if "/" not in k}
+        out.update({f"pseudo/{k}": v for k, v in report.items() if "/" not in k})
         out["pseudo/images"] = float(len(truth))
+        out["pseudo/threshold"] = self.threshold
         if cm.sum():
-            run.log(f"pseudo masks: mIoU {out['pseudo/miou']:.4f} against the hidden masks of "
-                    f"{len(truth)} training images")  # fmt: skip
+            run.log(f"pseudo masks (CAM threshold {self.threshold:g}): mIoU "
+                    f"{out['pseudo/miou']:.4f} against the hidden masks of {len(truth)} "
+                    "training images")  # fmt: skip
         return out
+
+    def choose_threshold(self, run: StageRun) -> dict[str, float]:
+        """`cam_threshold` = 0: the threshold of `GRID` whose label-gated CAMs have the best
+        mIoU on the validation split (summed over ranks; ties: the lower threshold)."""
+        val = SegDataset(self.cfg.data.path, self.cfg.data.val_split, cache=False)
+        n = self.num_classes
+        cm = torch.zeros(len(GRID), n, n, dtype=torch.long)
+        index = {image_id: i for i, image_id in enumerate(val.ids)}
+        for batch in eval_batches(val, self.cfg.train.val_batch_size, run.rank, run.world_size):
+            present = val.multi_hot([index[i] for i in batch.ids])[:, 1:].to(run.device)
+            cams = self.cams(batch.images.to(run.device), present)
+            for k, t in enumerate(GRID):
+                cm[k] += confusion(cam_labels(cams, t).cpu(), batch.masks, n, self.ignore_index)
+        dist.all_reduce_sum(cm)
+        if not cm.sum():
+            raise RaysegbgError(
+                f"fbr: the '{self.cfg.data.val_split}' split has no masks to choose the CAM "
+                "threshold on: set method.fbr.cam_threshold (e.g. 0.3)"
+            )
+        scores = [summarize(c.numpy())["miou"] for c in cm]
+        best = max(range(len(GRID)), key=lambda k: (scores[k], -k))
+        self.threshold = GRID[best]
+        shown = [f"{t:g}{'*' if k == best else ''} {v:.3f}" for k, (t, v) in
+                 enumerate(zip(GRID, scores, strict=True))]  # fmt: skip
+        run.log("CAM threshold chosen on validation (* ; mIoU at each): " + "  ".join(shown))
+        return {"pseudo/val_miou_at_threshold": scores[best]}
 
     # -- TensorBoard ----------------------------------------------------------------------
     @torch.no_grad()
@@ -325,12 +355,11 @@ class Fbr(Method):
             cams = normalized_cams(out["scores"], present)
             if self.first_cams is None:
                 self.first_cams = cams
-            labels = cam_labels(cams, self.params.cam_threshold)
+            labels = cam_labels(cams, self.threshold)
             self.shown = list(zip(images, self.first_cams, cams, labels, masks, strict=True))
             gen = torch.Generator().manual_seed(self.cfg.train.seed)
             idx, ok = sample((labels[:1] == 0).flatten(1), POINTS * 8, gen)
-            z = out["zb"][:1].flatten(2).transpose(1, 2).gather(
-                1, idx[..., None].expand(-1, -1, out["zb"].shape[1]))  # fmt: skip
+            z = pixel_rows(out["zb"][:1], idx)
             _, assign, _ = kmeans(z, ok, self.params.nrois, self.params.kmeans_iters)
             self.clusters = (images[0], idx[0][ok[0]], assign[0][ok[0]])
         self.train(was_training)

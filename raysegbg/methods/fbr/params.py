@@ -16,8 +16,9 @@ class FbrParams:
 
     cam_epochs: int = param(8, "epochs of the CAM stage (classification + contrast)")
     cam_threshold: float = param(
-        0.3, "pseudo masks: a pixel is background unless a present class's normalised CAM "
-        "reaches this; the class with the highest CAM wins",
+        0.0, "pseudo masks: a pixel is background unless a present class's normalised CAM "
+        "reaches this; the class with the highest CAM wins. 0: chosen on the validation "
+        "split's masks (the best mIoU of label-gated CAMs over 0.05, 0.10, ..., 0.95)",
     )  # fmt: skip
     bg_score: float = param(
         0.1, "the fixed background score of the training-time pseudo-labels (low: only pixels "
@@ -41,7 +42,11 @@ class FbrParams:
 
     def __post_init__(self) -> None:
         check(self.cam_epochs >= 1, "method.fbr.cam_epochs must be >= 1")
-        for key in ("cam_threshold", "bg_score", "sure"):
+        check(
+            0 <= self.cam_threshold < 1,
+            "method.fbr.cam_threshold must be in [0, 1) (0: chosen on validation), e.g. 0.3",
+        )
+        for key in ("bg_score", "sure"):
             check(0 < getattr(self, key) < 1, f"method.fbr.{key} must be in (0, 1), e.g. 0.3")
         check(self.nrois >= 1 and self.bank_size >= self.nrois,
               "method.fbr.nrois must be >= 1 and bank_size >= nrois")  # fmt: skip

@@ -1,0 +1,158 @@
+"""fbr versus its CAM baseline, trained from image-level labels only.
+
+Same networks, data, schedule and seeds in every variant; only the contrastive terms change:
+
+- cam: classification (+ the background head) only (`nroi_weight=0`, `intra_weight=0`);
+- intra: + the intra-foreground contrast (`nroi_weight=0`);
+- fbr: + the pixel-to-NROI contrast (the full method).
+
+Every run chooses its CAM threshold on the validation split (`cam_threshold=0`), then trains
+the segmentation network on its pseudo masks. Columns (mean ± std over seeds, ×100):
+pseudo-mask mIoU on the training images (against their masks, never used for training); the
+false-positive rate inside the co-occurring background (the share of background pixels of a
+class's own texture, e.g. water under a boat, that the pseudo masks call foreground; the
+built-in `contexts` set only); the segmentation network's mIoU on validation and, once, on
+the test split.
+
+Tasks: the built-in `contexts` set, and the MRI lobes (mricron-data ch2 + AAL grouped into 7
+lobes; image-level labels derived from the masks) when mricron-data is installed.
+
+Goals, per task: fbr's mean test mIoU and mean pseudo-mask mIoU above the CAM baseline's.
+Exit 1 if one is missed.
+
+    python benchmarks/method_fbr.py [--seeds 0 1 2] [--cam-epochs 8] [--epochs 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import MRICRON, check, make_mri_lobes, report
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from raysegbg.config import load_config
+from raysegbg.data.synthetic import context_maps, make_dataset
+from raysegbg.inference import evaluate_run
+from raysegbg.local import train_local
+from raysegbg.state.store import PseudoLabelStore
+
+VARIANTS = {
+    "cam": ["method.fbr.nroi_weight=0", "method.fbr.intra_weight=0"],
+    "intra": ["method.fbr.nroi_weight=0"],
+    "fbr": [],
+}
+
+
+def pseudo_scalars(run: Path) -> dict[str, float]:
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: acc.Scalars(tag)[-1].value for tag in ("pseudo/miou", "pseudo/threshold")}
+
+
+def context_fp(run: Path, maps: dict[str, np.ndarray]) -> float:
+    """Share of co-occurring background pixels (a class's own texture) the pseudo masks call
+    foreground, over every training image."""
+    store = PseudoLabelStore.load(run / "state" / "latest")
+    hit = total = 0
+    for key in store.ids():
+        context = maps[key.rsplit("@", 1)[0]] > 0
+        mask = store.get([key])[0].mask
+        hit += int((mask[context] > 0).sum())
+        total += int(context.sum())
+    return hit / max(total, 1)
+
+
+def train_and_score(overrides: list[str], seed: int, root: Path, maps) -> dict[str, float]:
+    name = f"r{len(list(root.iterdir()))}"
+    cfg = load_config(None, [*overrides, f"train.seed={seed}", f"logging.storage_path={root}",
+                             f"logging.name={name}"])  # fmt: skip
+    train_local(cfg, root / name, log=lambda line: None)
+    out = pseudo_scalars(root / name)
+    out["context_fp"] = context_fp(root / name, maps) if maps else float("nan")
+    out["val"] = evaluate_run(root / name, "val", "last")["miou"]
+    out["test"] = evaluate_run(root / name, "test", "last")["miou"]
+    return out
+
+
+def mean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.mean(finite) if finite else float("nan")
+
+
+def cell(values: list[float], scale: float = 100.0) -> str:
+    v = [x * scale for x in values if x == x]
+    if not v:
+        return f"{'-':>15}"
+    std = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):>8.2f} ± {std:<5.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cam-epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=4, help="segmentation epochs")
+    parser.add_argument("--steps", type=int, default=15, help="steps per epoch")
+    parser.add_argument("--size", type=int, default=48)
+    parser.add_argument("--n", type=int, default=600, help="images of the built-in set")
+    parser.add_argument("--tasks", nargs="+", default=["contexts", "mri-lobes"])
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
+    args = parser.parse_args()
+    common = ["method.name=fbr", "model.encoder_depth=3", "model.decoder_channels=[32,16,8]",
+              "optim.lr=3e-3", f"method.fbr.cam_epochs={args.cam_epochs}",
+              f"train.epochs={args.epochs}", "train.batch_size=16",
+              f"train.steps_per_epoch={args.steps}", f"data.crop_size={args.size}",
+              "logging.image_every=1000", *args.set]  # fmt: skip
+    goals, lines = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = {}
+        if "contexts" in args.tasks:
+            out = Path(tmp) / "contexts"
+            make_dataset("contexts", out, n=args.n, size=args.size, seed=0)
+            tasks["contexts"] = (out, context_maps("contexts", args.n, args.size, seed=0))
+        if "mri-lobes" in args.tasks and (MRICRON / "aal.nii.gz").is_file():
+            tasks["mri-lobes"] = (make_mri_lobes(Path(tmp) / "mri", args.size), None)
+        for task, (data, maps) in tasks.items():
+            root = Path(tmp) / f"runs-{task}"
+            root.mkdir()
+            results: dict[str, list[dict[str, float]]] = {}
+            for variant, overrides in VARIANTS.items():
+                results[variant] = []
+                for seed in args.seeds:
+                    start = time.perf_counter()
+                    r = train_and_score([*common, f"data.path={data}", *overrides], seed, root,
+                                        maps)  # fmt: skip
+                    results[variant].append(r)
+                    print(f"{task:<10} {variant:<6} seed {seed}  pseudo {r['pseudo/miou']:.4f} "
+                          f"(t {r['pseudo/threshold']:.2f})  context fp {r['context_fp']:.4f}  "
+                          f"val {r['val']:.4f}  test {r['test']:.4f}  "
+                          f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            for variant, runs in results.items():
+                cols = "".join(cell([r[k] for r in runs])
+                               for k in ("pseudo/miou", "context_fp", "val", "test"))  # fmt: skip
+                thresholds = "/".join(f"{r['pseudo/threshold']:.2f}" for r in runs)
+                lines.append(f"{task:<11}{variant:<8}{cols}   {thresholds}")
+            m = {v: {k: mean([r[k] for r in runs]) * 100 for k in ("pseudo/miou", "test")}
+                 for v, runs in results.items()}  # fmt: skip
+            goals += [
+                check(f"{task}: fbr test mIoU > CAM baseline", m["fbr"]["test"],
+                      m["cam"]["test"], strict=True),
+                check(f"{task}: fbr pseudo-mask mIoU > CAM baseline", m["fbr"]["pseudo/miou"],
+                      m["cam"]["pseudo/miou"], strict=True),
+            ]  # fmt: skip
+    print(f"\nseeds {args.seeds}; CAM {args.cam_epochs} + segmentation {args.epochs} epochs x "
+          f"{args.steps} steps; {args.size} px; extra {args.set}\n")  # fmt: skip
+    head = (f"{'task':<11}{'variant':<8}{'pseudo mIoU':>15}{'context FP':>15}{'val mIoU':>15}"
+            f"{'test mIoU':>15}   CAM threshold per seed (chosen on val)")  # fmt: skip
+    print(head + "\n" + "-" * len(head) + "\n" + "\n".join(lines))
+    sys.exit(report(goals))
+
+
+if __name__ == "__main__":
+    main()
