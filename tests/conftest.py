@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Train V2 polls its workers every 2 s by default and a report waits for the next poll, which
+# stretches every tiny run on the session's Ray (test_jobs and test_multinode set it too)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

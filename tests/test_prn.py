@@ -132,11 +132,12 @@ def test_cross_fit_labels_every_training_image_with_a_base_that_never_saw_it(
     lines: list[str] = []
     run = tmp_path / "x"
     cfg = prn_config(contrast_data, tmp_path, **{"logging.name": "x", "train.epochs": 1,
+                                                "method.prn.base_epochs": 1,
                                                 "method.prn.cross_fit": "true"})  # fmt: skip
     train_local(cfg, run, log=lines.append)
     states = [load_state(folder) for folder, _ in list_checkpoints(run)]
-    # fold 1: base 2 epochs + labels, fold 2: base 2 + labels, final base 2, refine 1
-    assert [s["stage"] for s in states] == [0, 0, 1, 2, 2, 3, 4, 4, 5]
+    # fold 1: base 1 epoch + labels, fold 2: base 1 + labels, final base 1, refine 1
+    assert [s["stage"] for s in states] == [0, 1, 2, 3, 4, 5]
     assert "[fold 2 pseudo-labels]" in "\n".join(lines)
 
     def weights(state, prefix):
@@ -148,11 +149,11 @@ def test_cross_fit_labels_every_training_image_with_a_base_that_never_saw_it(
     # each base trains in its own stage only, and the three end up different
     last = states[-1]
     fold1, fold2, final = "fold_bases.0.", "fold_bases.1.", "base."
-    assert same(weights(states[2], fold1), weights(last, fold1))
-    assert not same(weights(states[2], fold2), weights(last, fold2))
-    assert same(weights(states[5], fold2), weights(last, fold2))
-    assert not same(weights(states[5], final), weights(last, final))
-    assert same(weights(states[7], final), weights(last, final))
+    assert same(weights(states[1], fold1), weights(last, fold1))
+    assert not same(weights(states[1], fold2), weights(last, fold2))
+    assert same(weights(states[3], fold2), weights(last, fold2))
+    assert not same(weights(states[3], final), weights(last, final))
+    assert same(weights(states[4], final), weights(last, final))
 
     train = SegDataset(contrast_data, "train")
     held = {i for i in train.ids if in_holdout(i, cfg.method.prn.holdout)}

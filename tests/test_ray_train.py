@@ -1,21 +1,33 @@
-"""A real 2-worker TorchTrainer on a local Ray: report, checkpoint, resume, TensorBoard."""
+"""A real 2-worker TorchTrainer on a local Ray: report, checkpoint, resume, TensorBoard, and
+the run's shared-state actor (MCIBI keeps its class memory there)."""
 
+import io
+
+import numpy as np
 import pytest
+import torch
 
-from raysegbg.checkpoint import list_checkpoints
+from raysegbg.checkpoint import list_checkpoints, load_state, pick_checkpoint
 from raysegbg.config import load_config
+from raysegbg.inference import evaluate_run
 from raysegbg.ray_train import fit
+from raysegbg.state import actor as state_actor
 from tests.conftest import tiny_overrides
 from tests.tb_read import scalar_steps, tags
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_workers_report_checkpoint_and_resume(ray_local, tiny_data, tmp_path):
+def test_two_workers_report_checkpoint_resume_and_keep_the_memory_in_the_actor(
+    ray_local, tiny_data, tmp_path
+):
+    """One run, trained and then resumed: every Ray Train run costs ~30 s of start-up here."""
     # scored by epoch, the newest checkpoint is always the best: the one before it is kept too
     overrides = tiny_overrides(
         tiny_data, tmp_path,
-        **{"scaling.workers": 2, "logging.name": "ray-run", "logging.score": "epoch"},
+        **{"scaling.workers": 2, "logging.name": "ray-run", "logging.score": "epoch",
+           "method.name": "mcibi", "method.mcibi.dims": 8, "method.mcibi.attention_dims": 4,
+           "train.snapshot_every": 2},
     )  # fmt: skip
     first = fit(load_config(None, overrides))
     assert first.metrics["epoch"] == 2 and 0 <= first.metrics["val/miou"] <= 1
@@ -23,6 +35,8 @@ def test_two_workers_report_checkpoint_and_resume(ray_local, tiny_data, tmp_path
     run_dir = tmp_path / "ray-run"
     assert (run_dir / "config.yaml").is_file()
     assert {m["epoch"] for _, m in list_checkpoints(run_dir)} <= {1, 2}
+    with pytest.raises(ValueError):
+        state_actor.lookup("ray-run")  # the actor ends with its run
 
     resumed = fit(load_config(None, overrides + ["train.epochs=3"]))
     assert resumed.metrics["epoch"] == 3 and resumed.metrics["step"] == 9
@@ -30,36 +44,18 @@ def test_two_workers_report_checkpoint_and_resume(ray_local, tiny_data, tmp_path
 
     found = tags(run_dir / "tb")
     assert {"train/loss", "lr", "val/miou", "val/fg_dice", "val/fpr"} <= set(found["scalars"])
-    assert "val/images" in found["images"]
+    assert {"val/images", "mcibi/memory_cosine"} <= set(found["images"])
     assert scalar_steps(run_dir / "tb", "val/fg_dice") == [1, 2, 3]
 
-
-def test_mcibi_run_keeps_its_memory_in_the_actor_and_checkpoints(ray_local, tiny_data, tmp_path):
-    import io
-
-    import numpy as np
-    import torch
-
-    from raysegbg.checkpoint import load_state, pick_checkpoint
-    from raysegbg.inference import evaluate_run
-    from raysegbg.state import actor as state_actor
-
-    overrides = tiny_overrides(
-        tiny_data, tmp_path,
-        **{"scaling.workers": 2, "logging.name": "mcibi-run", "method.name": "mcibi",
-           "method.mcibi.dims": 8, "method.mcibi.attention_dims": 4, "train.snapshot_every": 2},
-    )  # fmt: skip
-    result = fit(load_config(None, overrides))
-    run_dir = tmp_path / "mcibi-run"
-    last = pick_checkpoint(run_dir, "last")
-    state = load_state(last)
+    # the actor's memory snapshot in the checkpoint is the workers' memory, and it carried on
+    # across the resume (6 steps before, 3 after)
+    state = load_state(pick_checkpoint(run_dir, "last"))
     with np.load(io.BytesIO(state["shared"]["memory-memory.npz"])) as snap:
         torch.testing.assert_close(
             torch.from_numpy(snap["memory"]), state["method"]["memory.memory"]
         )
-        assert int(snap["version"]) == result.metrics["step"] == 6
+        assert int(snap["version"]) == resumed.metrics["step"] == 9
     assert (run_dir / "state" / "latest" / "memories.json").is_file()  # async snapshots landed
     with pytest.raises(ValueError):
-        state_actor.lookup("mcibi-run")  # the actor ends with its run
-    assert "mcibi/memory_cosine" in tags(run_dir / "tb")["images"]
+        state_actor.lookup("ray-run")
     assert 0 <= evaluate_run(run_dir, "test")["miou"] <= 1  # eval reads the checkpointed memory
