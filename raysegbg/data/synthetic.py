@@ -303,11 +303,11 @@ def _contexts_with_map(rng: np.random.Generator, n: int, size: int):
         rng, [_dark_smooth(rng, n, size), _bright_noise(rng, n, size), _stripes(rng, n, size)]
     )
     textures = _context_textures(rng, n, size)
-    two = rng.random(n) < 0.5
+    two = rng.random(n) < 0.35
     picks = np.argsort(rng.random((n, 3)), axis=1) + 1  # a random order of the 3 classes
     img, mask = other, np.zeros((n, size, size), np.uint8)
     context = np.zeros((n, size, size), np.uint8)
-    width = np.where(two, rng.uniform(0.38, 0.48, n), rng.uniform(0.45, 0.65, n))
+    width = np.where(two, rng.uniform(0.42, 0.5, n), rng.uniform(0.5, 0.75, n))
     left = np.where(two, 0.0, rng.uniform(0, 1 - width))
     for slot in range(2):
         cls = picks[:, slot]
@@ -318,13 +318,13 @@ def _contexts_with_map(rng: np.random.Generator, n: int, size: int):
         img = np.where(strip[..., None], look, img)
         context = np.where(strip, cls[:, None, None], context).astype(np.uint8)
         cx = lo + width[:, None, None] / 2
-        cy = _uniform(rng, 0.25, 0.75, (n,))
-        r = _uniform(rng, 0.1, 0.16, (n,))
+        cy = _uniform(rng, 0.3, 0.7, (n,))
+        r = width[:, None, None] * _uniform(rng, 0.22, 0.3, (n,))  # the object fits its strip
         du, dv = (xx - cx) / r, (yy - cy) / r
         shapes = {
-            1: (du / 1.5) ** 2 + (dv / 0.6) ** 2 <= 1,  # boat: a flat ellipse
-            2: (np.abs(dv) <= 0.25) | ((np.abs(du) <= 0.22) & (np.abs(dv) <= 1)),  # plane: +
-            3: np.maximum(np.abs(du), np.abs(dv) * 1.4) <= 0.9,  # car: a box
+            1: (du / 1.5) ** 2 + (dv / 0.8) ** 2 <= 1,  # boat: a flat ellipse
+            2: (np.abs(dv) <= 0.35) | ((np.abs(du) <= 0.3) & (np.abs(dv) <= 1.2)),  # plane: +
+            3: np.maximum(np.abs(du), np.abs(dv) * 1.25) <= 1,  # car: a box
         }
         looks = {1: [235, 140, 30], 2: [200, 40, 200], 3: [210, 30, 40]}
         shade = 0.85 + 0.15 * np.clip(1 - du**2 - dv**2, 0, 1)[..., None]

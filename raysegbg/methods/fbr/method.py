@@ -5,8 +5,9 @@ A classifier's class activation maps (CAMs) confuse an object with the backgroun
 sits on (a boat with water). Three stages, run in order by the one entry point and each
 checkpointed:
 
-1. `cam`: the model's decoder features feed a multi-label classifier (its score maps are the
-   CAMs) and two projection heads, foreground (`fg_head`) and background (`bg_head`). At every
+1. `cam`: a multi-label classifier on the model's deepest encoder features (its score maps,
+   upsampled, are the CAMs) and two projection heads on the decoder's full-resolution
+   features, foreground (`fg_head`) and background (`bg_head`). At every
    step the CAMs give pseudo-labels (background where no present class reaches `bg_score`);
    - each image's background features are clustered (k-means, `nrois` centres) into negative
      regions of interest (NROIs), kept in a memory bank (a ring buffer identical on every rank);
@@ -74,31 +75,44 @@ def projection(cin: int, dims: int) -> nn.Sequential:
 
 
 class CamNet(nn.Module):
-    """The model's encoder-decoder with a CAM classifier and the two projection heads."""
+    """The model's encoder-decoder: a CAM classifier on the encoder's deepest features (the
+    class activation maps, upsampled to the image), and the two projection heads on the
+    decoder's full-resolution features."""
 
     def __init__(self, cfg: Config, in_channels: int, num_classes: int, dims: int):
         super().__init__()
         self.net = build_model(cfg.model, in_channels, num_classes)
         width = self.net.segmentation_head[0].in_channels  # the decoder's output width
-        self.net.segmentation_head = nn.Identity()
-        self.classifier = nn.Conv2d(width, num_classes - 1, 1)  # foreground classes only
+        del self.net.segmentation_head  # replaced by the heads below
+        deepest = self.net.encoder.out_channels[-1]
+        self.classifier = nn.Conv2d(deepest, num_classes - 1, 1)  # foreground classes only
         self.fg_head, self.bg_head = projection(width, dims), projection(width, dims)
         self.bg_classifier = nn.Conv2d(dims, 1, 1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.net(images)
+        features = self.net.encoder(images)
+        scores = self.classifier(features[-1])
+        feats = self.net.decoder(features)
+        feats = feats[-1] if isinstance(feats, (list, tuple)) else feats
         zb = F.normalize(self.bg_head(feats), dim=1)
         return {
-            "scores": self.classifier(feats),  # (B, K, H, W): CAMs before ReLU
+            # (B, K, H, W): CAMs before ReLU
+            "scores": F.interpolate(
+                scores, size=images.shape[-2:], mode="bilinear", align_corners=False
+            ),  # fmt: skip
             "zf": F.normalize(self.fg_head(feats), dim=1),
             "zb": zb,
             "bg_logit": self.bg_classifier(zb)[:, 0],
         }
 
 
-def class_logits(scores: torch.Tensor) -> torch.Tensor:
-    """Image-level class logits: the score maps' global average."""
-    return upcast(scores).mean((2, 3))
+def class_logits(scores: torch.Tensor, top: float) -> torch.Tensor:
+    """Image-level class logits (B, K): the mean of each score map's highest `top` share of
+    pixels (1: the global average)."""
+    flat = upcast(scores).flatten(2)
+    if top >= 1:
+        return flat.mean(2)
+    return flat.topk(max(1, round(top * flat.shape[2])), dim=2).values.mean(2)
 
 
 class Fbr(Method):
@@ -209,7 +223,7 @@ class Fbr(Method):
         p = self.params
         scores, zf, zb = out["scores"], out["zf"], out["zb"]
         b, d, h, w = zf.shape
-        logits = class_logits(scores)
+        logits = class_logits(scores, self.params.pool_top)
         bce = F.binary_cross_entropy_with_logits(logits, present.to(logits.dtype), reduction="sum")
         cls = dist.global_mean(bce, torch.tensor(float(present.numel())))
         cams = normalized_cams(scores.detach(), present)
@@ -262,7 +276,7 @@ class Fbr(Method):
         classes the classifier itself finds in each image."""
         scores = self.cam(images)["scores"]
         if present is None:
-            present = class_logits(scores) > 0
+            present = class_logits(scores, self.params.pool_top) > 0
         return normalized_cams(scores, present)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -351,7 +365,7 @@ class Fbr(Method):
         if batch is not None:
             images, masks = batch.images[:SHOWN], batch.masks[:SHOWN]
             out = self.cam(images)
-            present = class_logits(out["scores"]) > 0
+            present = class_logits(out["scores"], self.params.pool_top) > 0
             cams = normalized_cams(out["scores"], present)
             if self.first_cams is None:
                 self.first_cams = cams

@@ -15,6 +15,11 @@ class FbrParams:
     classes' pixels; the CAMs' pseudo masks then train a segmentation network."""
 
     cam_epochs: int = param(8, "epochs of the CAM stage (classification + contrast)")
+    pool_top: float = param(
+        1.0, "a class's image-level logit is the mean of its score map's highest `pool_top` "
+        "share of pixels (1: global average pooling, as in the CAM paper; small objects need "
+        "less, or the maps spread over their background to raise the average)",
+    )  # fmt: skip
     cam_threshold: float = param(
         0.0, "pseudo masks: a pixel is background unless a present class's normalised CAM "
         "reaches this; the class with the highest CAM wins. 0: chosen on the validation "
@@ -42,6 +47,7 @@ class FbrParams:
 
     def __post_init__(self) -> None:
         check(self.cam_epochs >= 1, "method.fbr.cam_epochs must be >= 1")
+        check(0 < self.pool_top <= 1, "method.fbr.pool_top must be in (0, 1], e.g. 0.1")
         check(
             0 <= self.cam_threshold < 1,
             "method.fbr.cam_threshold must be in [0, 1) (0: chosen on validation), e.g. 0.3",
