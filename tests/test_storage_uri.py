@@ -202,14 +202,18 @@ def test_training_run_in_object_store(ray_local, tiny_data, s3_options, tmp_path
 
 
 @pytest.mark.slow
-def test_search_in_object_store(ray_local, tiny_data, s3_options, capsys):
-    """`raysegbg tune` with an s3:// storage path: trials, ASHA rungs and reports land there."""
+def test_search_in_object_store(ray_local, tiny_data, s3_options, capsys, tmp_path):
+    """`raysegbg tune` with an s3:// storage path: trials, ASHA rungs and reports land there.
+    The search is over the plug-in method of tests/toy_method.py, which each trial's Ray
+    worker imports by the path the config carries (its settings: tests/test_plugin.py)."""
     from raysegbg.cli import main
+    from raysegbg.config import load_config
     from tests.conftest import tiny_overrides
+    from tests.tb_read import scalar_steps
 
     storage_path = f"s3://{BUCKET}/tune-{uuid.uuid4().hex[:8]}?{s3_options}"
     overrides = tiny_overrides(tiny_data, storage_path, **{"scaling.workers": 1})
-    space = Path(__file__).resolve().parents[1] / "search_spaces" / "baseline.yaml"
+    space = Path(__file__).with_name("toy_space.yaml")
     args = ["tune", "--space", str(space), "--samples", "1", "--max-concurrent", "1"]
     assert main([*args, "--name", "s3-search", *[f"--set={o}" for o in overrides]]) == 0
     search = storage.join(storage_path, "s3-search")
@@ -219,6 +223,11 @@ def test_search_in_object_store(ray_local, tiny_data, s3_options, capsys):
     (trial,) = storage.listdir(search / "hparams")
     assert storage.is_file(search / trial / "config.yaml")
     assert storage.listdir(search / trial / "tb") and storage.listdir(search / "hparams" / trial)
+    best = storage.download_dir(search, tmp_path / "search") / "best_config.yaml"
+    cfg = load_config(best)
+    assert cfg.method.name == "tests.toy_method:Toy" and cfg.method.params.ema in (0.5, 0.8)
+    # the plug-in's after_step scalars reached the trial's TensorBoard
+    assert 1 in scalar_steps(tmp_path / "search" / trial / "tb", "train/teacher_gap")
 
 
 def test_unreachable_storage_fails_in_one_line(s3_options):
