@@ -112,6 +112,21 @@ def table(rows: Rows, metrics: list[str], scale: float = 100.0) -> str:
     return "\n".join(lines)
 
 
+def finite_mean(values: list[float]) -> float:
+    """The mean of the values that are not NaN (NaN: none is)."""
+    finite = [v for v in values if v == v]
+    return statistics.mean(finite) if finite else float("nan")
+
+
+def cell(values: list[float], scale: float = 100.0) -> str:
+    """'mean ± std' of the non-NaN values, scaled ('-' when there is none)."""
+    v = [x * scale for x in values if x == x]
+    if not v:
+        return f"{'-':>15}"
+    std = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):>8.2f} ± {std:<5.2f}"
+
+
 def means(rows: Rows, metric: str, scale: float = 100.0) -> dict[str, dict[str, float]]:
     """task -> variant -> mean of `metric` over seeds, scaled as `table` shows it."""
     out: dict[str, dict[str, float]] = {}

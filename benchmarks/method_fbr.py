@@ -26,14 +26,13 @@ Exit 1 if one is missed.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import MRICRON, check, make_mri_lobes, report
+from common import MRICRON, cell, check, finite_mean, make_mri_lobes, report
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raysegbg.config import load_config
@@ -78,19 +77,6 @@ def train_and_score(overrides: list[str], seed: int, root: Path, maps) -> dict[s
     out["val"] = evaluate_run(root / name, "val", "last")["miou"]
     out["test"] = evaluate_run(root / name, "test", "last")["miou"]
     return out
-
-
-def mean(values: list[float]) -> float:
-    finite = [v for v in values if v == v]
-    return statistics.mean(finite) if finite else float("nan")
-
-
-def cell(values: list[float], scale: float = 100.0) -> str:
-    v = [x * scale for x in values if x == x]
-    if not v:
-        return f"{'-':>15}"
-    std = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.mean(v):>8.2f} ± {std:<5.2f}"
 
 
 def main() -> None:
@@ -138,7 +124,7 @@ def main() -> None:
                                for k in ("pseudo/miou", "context_fp", "val", "test"))  # fmt: skip
                 thresholds = "/".join(f"{r['pseudo/threshold']:.2f}" for r in runs)
                 lines.append(f"{task:<11}{variant:<8}{cols}   {thresholds}")
-            m = {v: {k: mean([r[k] for r in runs]) * 100 for k in ("pseudo/miou", "test")}
+            m = {v: {k: finite_mean([r[k] for r in runs]) * 100 for k in ("pseudo/miou", "test")}
                  for v, runs in results.items()}  # fmt: skip
             goals += [
                 check(f"{task}: fbr test mIoU > CAM baseline", m["fbr"]["test"],

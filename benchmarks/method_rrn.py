@@ -24,13 +24,12 @@ accurate than its dropped ones. Exit 1 if one is missed.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import MRICRON, check, make_mri_lobes, report
+from common import MRICRON, cell, check, finite_mean, make_mri_lobes, report
 
 from raysegbg.config import load_config
 from raysegbg.data.synthetic import make_dataset
@@ -51,19 +50,6 @@ def train_and_score(overrides: list[str], seed: int, root: Path) -> dict[str, fl
     out["val"] = evaluate_run(root / name, "val")["miou"]
     out["test"] = evaluate_run(root / name, "test")["miou"]
     return out
-
-
-def mean(values: list[float]) -> float:
-    finite = [v for v in values if v == v]
-    return statistics.mean(finite) if finite else float("nan")
-
-
-def cell(values: list[float], scale: float = 100.0) -> str:
-    v = [x * scale for x in values if x == x]
-    if not v:
-        return f"{'-':>15}"
-    std = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.mean(v):>8.2f} ± {std:<5.2f}"
 
 
 def row(task: str, variant: str, runs: list[dict[str, float]], test: bool) -> str:
@@ -116,12 +102,12 @@ def main() -> None:
                           f"{r['rrn/dropped_acc']:.4f} share {r['rrn/kept_share']:.3f}  "
                           f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
             chosen = max((v for v in variants if v.startswith("rrn@")),
-                         key=lambda v: mean([r["val"] for r in results[v]]))  # fmt: skip
+                         key=lambda v: finite_mean([r["val"] for r in results[v]]))  # fmt: skip
             for variant in variants:
                 shown = variant in ("supervised", "cps", chosen)  # test: only what is compared
                 mark = "  <- chosen on val" if variant == chosen else ""
                 rows.append(row(task, variant, results[variant], shown) + mark)
-            test = {v: mean([r["test"] for r in results[v]]) * 100 for v in results}
+            test = {v: finite_mean([r["test"] for r in results[v]]) * 100 for v in results}
             rrn = results[chosen]
             goals += [
                 check(f"{task}: rrn ({chosen}) test mIoU > supervised", test[chosen],
@@ -129,8 +115,8 @@ def main() -> None:
                 check(f"{task}: rrn ({chosen}) test mIoU > cps", test[chosen], test["cps"],
                       strict=True),
                 check(f"{task}: rrn kept-region accuracy > dropped-region accuracy",
-                      mean([r["rrn/kept_acc"] for r in rrn]) * 100,
-                      mean([r["rrn/dropped_acc"] for r in rrn]) * 100, strict=True),
+                      finite_mean([r["rrn/kept_acc"] for r in rrn]) * 100,
+                      finite_mean([r["rrn/dropped_acc"] for r in rrn]) * 100, strict=True),
             ]  # fmt: skip
     print(f"\nlabeled {args.labeled}; seeds {args.seeds}; {args.epochs} epochs x {args.steps} "
           f"steps; {args.size} px; extra {args.set}\n")  # fmt: skip
