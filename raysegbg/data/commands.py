@@ -41,6 +41,10 @@ def _common(p: argparse.ArgumentParser, splits: bool = True) -> None:
         p.add_argument("--test", type=float, default=0.1, help="fraction of samples for test")
 
 
+# after `_common`: None tells the importer "not given", so 0.1, or an error with --split-file
+_FRACTIONS_UNSET = {"val": None, "test": None}
+
+
 def _add_make(sub: argparse._SubParsersAction) -> None:
     from raysegbg.data.synthetic import GENERATORS
 
@@ -63,8 +67,9 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"))
     p.add_argument("--allow-unlabeled", action="store_true", help="images without a mask")
     p.add_argument("--name", help="dataset name (default: the images folder's parent)")
+    _add_folder_rules(p)
     _common(p)
-    p.set_defaults(func=cmd_import_folder)
+    p.set_defaults(func=cmd_import_folder, **_FRACTIONS_UNSET)
 
     p = kinds.add_parser("voc", help="Pascal VOC layout (JPEGImages, SegmentationClass)")
     p.add_argument("root", type=Path, help="folder holding JPEGImages/, e.g. VOCdevkit/VOC2012")
@@ -81,6 +86,28 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     _add_nifti(kinds)
 
 
+def _add_folder_rules(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--label-map",
+        metavar="RAW:ID,...",
+        help="mask value -> class id, e.g. 0:0,255:1 (id 255 = ignore); other values are errors",
+    )
+    p.add_argument(
+        "--ignore-value", type=int, metavar="V", help="mask value meaning 'ignore' (default 255)"
+    )
+    _add_split_file(p, "image file stems")
+
+
+def _add_split_file(p: argparse.ArgumentParser, ids: str) -> None:
+    p.add_argument(
+        "--split-file",
+        type=Path,
+        metavar="F",
+        help=f'JSON {{"train": [ids], "val": [ids], "test": [ids]}} of {ids}; replaces '
+        f"--val/--test",
+    )
+
+
 def _add_nifti(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("nifti", help="2-D slices of NIfTI image/label volume pairs")
     p.add_argument("--image", type=Path, action="append", required=True, help="repeatable")
@@ -89,6 +116,8 @@ def _add_nifti(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--binarize", action="store_true", help="label > 0 -> class 1")
     p.add_argument("--label-map", default="auto", help="'auto' or RAW:ID,RAW:ID,...")
     p.add_argument("--label-names", type=Path, help="text file of '<value> <name>' lines")
+    p.add_argument("--ignore-value", type=int, metavar="V", help="label value meaning 'ignore'")
+    _add_split_file(p, "volume ids (file stems); each volume goes whole to one split")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="fit slices into HxW")
     p.add_argument("--slab", type=int, default=16, help="consecutive slices per split unit")
     p.add_argument("--gap", type=int, default=2, help="slices dropped between splits")
@@ -100,7 +129,7 @@ def _add_nifti(kinds: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--name", default="nifti")
     _common(p)
-    p.set_defaults(func=cmd_import_nifti)
+    p.set_defaults(func=cmd_import_nifti, **_FRACTIONS_UNSET)
 
 
 def _size(value: list[int] | None) -> tuple[int, int] | None:
@@ -132,6 +161,7 @@ def cmd_make(args: argparse.Namespace) -> int:
 
 def cmd_import_folder(args: argparse.Namespace) -> int:
     from raysegbg.data.importers import import_folder
+    from raysegbg.data.rules import mapping_note, parse_pairs
 
     meta = import_folder(
         args.images,
@@ -147,7 +177,13 @@ def cmd_import_folder(args: argparse.Namespace) -> int:
         allow_unlabeled=args.allow_unlabeled,
         name=args.name,
         overwrite=args.overwrite,
+        label_map=parse_pairs(args.label_map) if args.label_map is not None else None,
+        ignore_value=args.ignore_value,
+        split_file=args.split_file,
     )
+    note = mapping_note(meta.provenance, meta.classes)
+    if note:
+        print(note)
     return _done(meta, args.out)
 
 
@@ -206,6 +242,8 @@ def cmd_import_nifti(args: argparse.Namespace) -> int:
         labeled_fraction=args.labeled_fraction,
         name=args.name,
         overwrite=args.overwrite,
+        ignore_value=args.ignore_value,
+        split_file=args.split_file,
     )
     return _done(meta, args.out)
 

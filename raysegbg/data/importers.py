@@ -13,6 +13,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from raysegbg.data.format import DatasetMeta, Sample, assign_splits, write_dataset
+from raysegbg.data.rules import (
+    IGNORE_INDEX,
+    MaskValues,
+    choose_mask_values,
+    fixed_splits,
+    require_train_pixels,
+)
 from raysegbg.errors import RaysegbgError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -43,15 +50,20 @@ def read_image(path: Path, channels: int) -> np.ndarray:
         return np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Class-index mask from a single-channel or palette image (palette index = class id)."""
+def read_raw_mask(path: Path) -> np.ndarray:
+    """The stored values of a single-channel or palette mask image (palette index = value)."""
     with _open(path) as im:
         if im.mode not in ("L", "P", "I", "I;16", "1"):
             raise RaysegbgError(
                 f"mask {path} has mode {im.mode}: masks must be single-channel class-index "
                 f"images (mode L or palette P), not colour renderings"
             )
-        arr = np.asarray(im)
+        return np.asarray(im)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Class-index mask whose stored values are the class ids (255 = ignore)."""
+    arr = read_raw_mask(path)
     if arr.min() < 0 or arr.max() > 255:
         raise RaysegbgError(f"mask {path} has values outside 0..255: class ids must fit in uint8")
     return arr.astype(np.uint8)
@@ -87,11 +99,31 @@ def _infer_channels(paths: list[Path]) -> int:
     return 3 if any(_open(p, load=False).mode in _COLOUR_MODES for p in paths) else 1
 
 
+def _binary_255(paths: list[Path]) -> bool:
+    """True when the masks hold only 0 and 255, some 255: how binary masks are usually saved."""
+    seen: set[int] = set()
+    for p in paths:
+        seen |= set(np.unique(read_raw_mask(p)).tolist())
+        if not seen <= {0, 255}:
+            return False
+    return 255 in seen
+
+
 def _pair_sample(
-    sid: str, split: str, image: Path, mask: Path | None, channels: int, size: tuple | None
+    sid: str,
+    split: str,
+    image: Path,
+    mask: Path | None,
+    channels: int,
+    size: tuple | None,
+    values: MaskValues | None = None,
 ) -> Sample:
+    """One sample; `values` maps raw mask values to class ids (None: they are the ids)."""
     img = read_image(image, channels)
-    seg = read_mask(mask) if mask is not None else None
+    if mask is None:
+        seg = None
+    else:
+        seg = read_mask(mask) if values is None else values.apply(read_raw_mask(mask), mask)
     if seg is not None and seg.shape != img.shape[:2]:
         raise RaysegbgError(
             f"mask {mask.name} is {seg.shape[0]}x{seg.shape[1]} but its image {image.name} is "
@@ -107,8 +139,8 @@ def import_folder(
     out_dir: Path,
     *,
     classes: list[str],
-    val: float = 0.1,
-    test: float = 0.1,
+    val: float | None = None,
+    test: float | None = None,
     seed: int = 0,
     labeled_fraction: float = 1.0,
     resize: tuple[int, int] | None = None,
@@ -116,8 +148,16 @@ def import_folder(
     allow_unlabeled: bool = False,
     name: str | None = None,
     overwrite: bool = False,
+    label_map: dict[int, int] | None = None,
+    ignore_value: int | None = None,
+    split_file: Path | None = None,
 ) -> DatasetMeta:
-    """Import image/mask pairs matched by file stem; splits are a seeded shuffle."""
+    """Import image/mask pairs matched by file stem.
+
+    Splits are a seeded shuffle (`val`/`test` fractions, default 0.1 each) or the ids of
+    `split_file`. Mask values go through `label_map` (raw -> class id) and `ignore_value`;
+    without them 0/255 masks with two classes are read as 0 -> 0 and 255 -> 1.
+    """
     images = _list_images(images_dir, "images")
     masks = _list_images(masks_dir, "masks")
     if not images:
@@ -130,9 +170,11 @@ def import_folder(
         )
     channels = channels or _infer_channels(list(images.values()))
     stems = sorted(images)
-    splits = assign_splits(len(stems), val, test, seed)
+    splits, val, test = _folder_splits(stems, val, test, seed, split_file, images_dir)
+    used = [masks[s] for s in stems if s in masks]
+    values = choose_mask_values(classes, label_map, ignore_value, lambda: _binary_255(used))
     samples = (
-        _pair_sample(s, sp, images[s], masks.get(s), channels, resize)
+        _pair_sample(s, sp, images[s], masks.get(s), channels, resize, values)
         for s, sp in zip(stems, splits, strict=True)
     )
     provenance = {
@@ -140,19 +182,46 @@ def import_folder(
         "images_dir": str(Path(images_dir).absolute()),
         "masks_dir": str(Path(masks_dir).absolute()),
         "args": {"val": val, "test": test, "seed": seed, "resize": resize},
+        "split_file": str(Path(split_file).absolute()) if split_file else None,
+        "mask_values": values.provenance(),
         "unlabeled_sources": len(missing),
     }
     return write_dataset(
         out_dir,
-        samples,
+        require_train_pixels(samples, classes, lambda: _train_pixels_hint(values)),
         name=name or Path(images_dir).absolute().parent.name,
         classes=classes,
         channels=channels,
         provenance=provenance,
+        ignore_index=IGNORE_INDEX,
         labeled_fraction=labeled_fraction,
         seed=seed,
         overwrite=overwrite,
     )
+
+
+def _train_pixels_hint(values: MaskValues) -> str:
+    return (
+        f"masks read as {values.describe()}; map mask values with --label-map RAW:ID,... "
+        f"(e.g. 0:0,255:1) or --ignore-value V, or put images that show the class into train "
+        f"(--split-file, --seed)"
+    )
+
+
+def _folder_splits(
+    stems: list[str],
+    val: float | None,
+    test: float | None,
+    seed: int,
+    split_file: Path | None,
+    images_dir: Path,
+) -> tuple[list[str], float | None, float | None]:
+    """Split per stem from the split file or a seeded shuffle, and the fractions used."""
+    if split_file is None:
+        val, test = 0.1 if val is None else val, 0.1 if test is None else test
+        return assign_splits(len(stems), val, test, seed), val, test
+    owner = fixed_splits(split_file, stems, f"images in {images_dir}", val, test)
+    return [owner[s] for s in stems], None, None
 
 
 def _read_ids(path: Path) -> list[str]:

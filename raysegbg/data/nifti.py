@@ -18,29 +18,40 @@ import numpy as np
 
 from raysegbg.data.format import DatasetMeta, Sample, assign_splits, write_dataset
 from raysegbg.data.importers import resize_array
+from raysegbg.data.rules import IGNORE_INDEX, fixed_splits, require_train_pixels
 from raysegbg.errors import RaysegbgError
 
 
 @dataclass(frozen=True)
 class LabelRule:
-    """How raw label-volume values become contiguous class ids (unlisted values -> 0)."""
+    """How raw label-volume values become contiguous class ids (unlisted values -> 0, the raw
+    `ignore` value -> the ignore index)."""
 
     raw: np.ndarray
     ids: np.ndarray
     classes: tuple[str, ...]
     binarize: bool = False
+    ignore: int | None = None
 
     def apply(self, lab: np.ndarray) -> np.ndarray:
         if self.binarize:
-            return (lab > 0).astype(np.uint8)
-        idx = np.clip(np.searchsorted(self.raw, lab), 0, len(self.raw) - 1)
-        return np.where(self.raw[idx] == lab, self.ids[idx], 0).astype(np.uint8)
+            out = (lab > 0).astype(np.uint8)
+        else:
+            idx = np.clip(np.searchsorted(self.raw, lab), 0, len(self.raw) - 1)
+            out = np.where(self.raw[idx] == lab, self.ids[idx], 0).astype(np.uint8)
+        if self.ignore is not None:
+            out = np.where(lab == self.ignore, IGNORE_INDEX, out).astype(np.uint8)
+        return out
 
     def provenance(self) -> dict[str, Any]:
         if self.binarize:
-            return {"binarize": True, "label_mapping": "label > 0 -> 1"}
+            return {"binarize": True, "label_mapping": "label > 0 -> 1", "ignore": self.ignore}
         mapping = {str(int(r)): int(i) for r, i in zip(self.raw, self.ids, strict=True)}
-        return {"binarize": False, "label_mapping": mapping}
+        return {"binarize": False, "label_mapping": mapping, "ignore": self.ignore}
+
+
+def _foreground(seg: np.ndarray) -> np.ndarray:
+    return (seg > 0) & (seg != IGNORE_INDEX)
 
 
 def _nifti(path: Path) -> Any:
@@ -83,11 +94,18 @@ def _read_label_names(path: Path) -> dict[int, str]:
 
 
 def _label_rule(
-    pairs: list[tuple[Path, Path]], binarize: bool, label_map: Any, label_names: Path | None
+    pairs: list[tuple[Path, Path]],
+    binarize: bool,
+    label_map: Any,
+    label_names: Path | None,
+    ignore: int | None,
 ) -> LabelRule:
     if binarize:
-        return LabelRule(np.zeros(0, np.int64), np.zeros(0), ("background", "foreground"), True)
+        bg_fg = ("background", "foreground")
+        return LabelRule(np.zeros(0, np.int64), np.zeros(0), bg_fg, True, ignore)
     names = _read_label_names(label_names) if label_names else {}
+    if isinstance(label_map, dict) and ignore in label_map:
+        raise RaysegbgError(f"--ignore-value {ignore} is also in --label-map: drop it from one")
     if isinstance(label_map, dict):
         raw = np.array(sorted(label_map), dtype=np.int64)
         ids = np.array([label_map[r] for r in raw], dtype=np.int64)
@@ -99,18 +117,18 @@ def _label_rule(
             single[k] if k in single and k not in many else f"class_{k}"
             for k in range(1, int(ids.max()) + 1)
         ]
-        return LabelRule(raw, ids, ("background", *classes))
+        return LabelRule(raw, ids, ("background", *classes), ignore=ignore)
     if label_map not in (None, "auto"):
         raise RaysegbgError(f"label_map={label_map!r} is invalid: use 'auto' or a dict raw->id")
     values = sorted(set().union(*(np.unique(_int_labels(lb, _nifti(lb))) for _, lb in pairs)))
-    raw = np.array([v for v in values if v != 0], dtype=np.int64)
+    raw = np.array([v for v in values if v not in (0, ignore)], dtype=np.int64)
     if not 1 <= raw.size <= 254:
         raise RaysegbgError(
             f"label volumes hold {raw.size} non-zero values: need 1..254 (use --binarize or a "
             f"--label-map that merges values)"
         )
     classes = [names.get(int(r), f"label_{r}") for r in raw]
-    return LabelRule(raw, np.arange(1, raw.size + 1), ("background", *classes))
+    return LabelRule(raw, np.arange(1, raw.size + 1), ("background", *classes), ignore=ignore)
 
 
 def _check_shapes(image: Path, label: Path, resample: bool) -> tuple[int, ...]:
@@ -174,7 +192,8 @@ def _eligible(
         return None
     out = []
     for image, label in pairs:
-        fg = np.moveaxis(rule.apply(_labels_on_grid(image, label, resample)) > 0, axis, 0)
+        seg = rule.apply(_labels_on_grid(image, label, resample))
+        fg = np.moveaxis(_foreground(seg), axis, 0)
         out.append(fg.reshape(fg.shape[0], -1).mean(axis=1) >= min_fg)
     return out
 
@@ -261,7 +280,7 @@ def _nifti_samples(
         width = max(3, len(str(len(splits) - 1)))
         for z, split in enumerate(splits):
             seg = np.rot90(rule.apply(seg_vol[z]))
-            if split is None or (seg > 0).mean() < min_foreground:
+            if split is None or _foreground(seg).mean() < min_foreground:
                 continue
             img = np.rot90(vol[z])
             sid = f"{stem}_{'xyz'[axis]}{z:0{width}d}"
@@ -279,16 +298,20 @@ def import_nifti(
     size: tuple[int, int] | None = None,
     slab: int = 16,
     gap: int = 2,
-    val: float = 0.1,
-    test: float = 0.1,
+    val: float | None = None,
+    test: float | None = None,
     seed: int = 0,
     min_foreground: float = 0.0,
     resample_labels: bool = False,
     labeled_fraction: float = 1.0,
     name: str = "nifti",
     overwrite: bool = False,
+    ignore_value: int | None = None,
+    split_file: Path | None = None,
 ) -> DatasetMeta:
-    """Slice (image, label) volume pairs along `axis` into 2-D samples with slab-wise splits."""
+    """Slice (image, label) volume pairs along `axis` into 2-D samples with slab-wise splits
+    (`val`/`test` fractions of slabs, default 0.1 each), or whole volumes in the split that
+    `split_file` gives their id (the file stem, as in the sample ids)."""
     if not pairs:
         raise RaysegbgError("no volumes given: pass at least one --image PATH --label PATH pair")
     if axis not in (0, 1, 2) or slab < 1 or gap < 0 or not 0.0 <= min_foreground <= 1.0:
@@ -298,9 +321,14 @@ def import_nifti(
         )
     pairs = [(Path(i), Path(lb)) for i, lb in pairs]
     n_slices = [_check_shapes(i, lb, resample_labels)[axis] for i, lb in pairs]
-    rule = _label_rule(pairs, binarize, label_map, label_names)
-    eligible = _eligible(pairs, rule, axis, resample_labels, min_foreground)
-    plan = slab_plan(n_slices, slab, gap, val, test, seed, eligible)
+    rule = _label_rule(pairs, binarize, label_map, label_names, ignore_value)
+    if split_file is None:
+        val, test = 0.1 if val is None else val, 0.1 if test is None else test
+        eligible = _eligible(pairs, rule, axis, resample_labels, min_foreground)
+        plan = slab_plan(n_slices, slab, gap, val, test, seed, eligible)
+    else:
+        owner = fixed_splits(split_file, _stems(pairs), "--image volumes", val, test)
+        plan = [[owner[v]] * n for v, n in zip(_stems(pairs), n_slices, strict=True)]
     samples = _nifti_samples(pairs, plan, rule, axis, size, min_foreground, resample_labels)
     provenance: dict[str, Any] = {
         "importer": "nifti",
@@ -311,6 +339,7 @@ def import_nifti(
         "val": val,
         "test": test,
         "seed": seed,
+        "split_file": str(Path(split_file).absolute()) if split_file else None,
         "size": list(size) if size else None,
         "min_foreground": min_foreground,
         "resample_labels": resample_labels,
@@ -320,12 +349,19 @@ def import_nifti(
     }
     return write_dataset(
         out_dir,
-        samples,
+        require_train_pixels(samples, rule.classes, lambda: _NO_TRAIN_PIXELS),
         name=name,
         classes=list(rule.classes),
         channels=1,
         provenance=provenance,
+        ignore_index=IGNORE_INDEX,
         labeled_fraction=labeled_fraction,
         seed=seed,
         overwrite=overwrite,
     )
+
+
+_NO_TRAIN_PIXELS = (
+    "its slices all went to val/test or were dropped (--gap, --min-foreground): try another "
+    "--seed or a smaller --slab, give a --split-file, or merge the class with --label-map"
+)
