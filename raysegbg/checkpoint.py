@@ -12,6 +12,7 @@ import math
 import pickle
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,10 @@ def load_state(directory: Location, map_location: str | torch.device = "cpu") ->
 def _load_tensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     """torch.load that never runs code: a checkpoint holds only tensors, dicts, lists, numbers
     and strings, which `weights_only` reads without importing anything."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut one has lost its index
+        raise UnreadableCheckpoint(f"{path} is truncated or corrupt (not a torch zip archive)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise RaysegbgError(
             f"{path} is not a raysegbg checkpoint (it holds code or objects other than tensors, "
@@ -83,6 +86,12 @@ def _load_tensors(path: Path, map_location: str | torch.device) -> dict[str, Any
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
         raise UnreadableCheckpoint(f"{path} is truncated or corrupt ({_reason(exc)})") from None
+    if not isinstance(state, dict) or "method" not in state:
+        raise RaysegbgError(
+            f"{path} is not a raysegbg checkpoint (a torch file without the method's weights): "
+            "pass a checkpoint written by `raysegbg train`"
+        )
+    return state
 
 
 def _reason(exc: Exception) -> str:
@@ -151,18 +160,21 @@ def load_checkpoint(
     truncated or corrupt (a crash while it was written), the next in line, with a warning.
     Ray keeps at least two checkpoints of a run for this (see `ray_train.run_trainer`)."""
     folders = ranked_checkpoints(run_dir, which, score)
-    for folder, fallback in zip(folders[:-1], folders[1:], strict=True):
+    unreadable: list[str] = []
+    for folder in folders:
         try:
-            return folder, load_state(folder)
+            state = load_state(folder)
         except UnreadableCheckpoint as exc:
-            _warn(f"{exc}: falling back to {fallback}")
-    try:
-        return folders[-1], load_state(folders[-1])
-    except UnreadableCheckpoint as exc:
-        raise RaysegbgError(
-            f"no readable checkpoint in {run_dir}: {exc}; restore the run folder from a copy, "
-            "or train the run again"
-        ) from None
+            unreadable.append(str(exc))
+            continue
+        for reason in unreadable:  # warned only now: a run with none readable gets one error
+            _warn(f"{reason}: falling back to {folder}")
+        return folder, state
+    others = f" ({len(unreadable) - 1} more unreadable)" if len(unreadable) > 1 else ""
+    raise RaysegbgError(
+        f"no readable checkpoint in {run_dir}: {unreadable[0]}{others}; restore the run "
+        "folder from a copy, or train the run again"
+    )
 
 
 def run_config(run_dir: Location) -> Config:

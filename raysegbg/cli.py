@@ -20,9 +20,11 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.name is not None:
         check_name("--name", args.name)
+    if args.workers is not None and args.workers < 1:
+        raise RaysegbgError(f"--workers {args.workers} is out of range: use an integer >= 1")
     cfg = load_config(args.config, args.set)
     scaling = {}
-    if args.workers:
+    if args.workers is not None:
         scaling["workers"] = args.workers
     if args.gpu:
         scaling["use_gpu"] = True
@@ -38,6 +40,11 @@ def _eval(args: argparse.Namespace) -> int:
     from raysegbg.inference import evaluate_run
     from raysegbg.storage import location
 
+    if args.json and not Path(args.json).parent.is_dir():
+        raise RaysegbgError(
+            f"--json {args.json}: folder {Path(args.json).parent} does not exist: create it "
+            "or write the file elsewhere"
+        )
     metrics = evaluate_run(location(args.run), args.split, args.checkpoint)
     width = max(len(k) for k in metrics)
     print(f"{'metric':<{width}}  value   ({args.split} split, {args.checkpoint} checkpoint)")

@@ -7,6 +7,7 @@ lists the valid keys instead of a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -169,9 +170,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             raise _type_error(value, tp, where) from None
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise RaysegbgError(f"config key '{where}' is {value}: use a finite number")
     if tp is bool and not isinstance(value, bool):
         raise _type_error(value, tp, where)
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
@@ -289,16 +292,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values: dict[str, Any] = {}
     if path:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise RaysegbgError(f"config file {p} not found: pass an existing YAML, e.g. configs/")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", -1) + 1
-            raise RaysegbgError(f"config file {p} is not valid YAML (line {line})") from None
+        values = read_yaml(p, "config file") or {}
         if not isinstance(values, dict):
-            raise RaysegbgError(f"config file {p} must hold a mapping of sections")
+            raise RaysegbgError(
+                f"config file {p} must hold a mapping of sections, e.g. 'train: {{epochs: 5}}': "
+                "see configs/quickstart.yaml"
+            )
     return from_dict(apply_overrides(values, overrides or []))
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The data of a YAML file; a file that cannot be read, is not UTF-8 or is not YAML is
+    one line naming `what` it is and the fix."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RaysegbgError(
+            f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}): save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise RaysegbgError(
+            f"cannot read {what} {path} ({exc.strerror or exc}): pass a readable YAML file"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: {getattr(exc, 'problem', '')}" if mark else "syntax"
+        raise RaysegbgError(
+            f"{what} {path} is not valid YAML ({where}): fix the YAML syntax there"
+        ) from None
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
@@ -309,18 +335,54 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return from_dict(values)
 
 
+# (key, lowest valid value, what that value means): numbers below are refused in one line
+AT_LEAST: tuple[tuple[str, int | float, str], ...] = (
+    ("data.crop_size", 0, " (0 keeps the full image)"),
+    ("model.encoder_depth", 1, ""),
+    ("optim.weight_decay", 0, ""),
+    ("optim.warmup_steps", 0, ""),
+    ("optim.clip_norm", 0, " (0: no clipping)"),
+    ("train.epochs", 1, ""),
+    ("train.batch_size", 1, ""),
+    ("train.val_batch_size", 1, ""),
+    ("train.steps_per_epoch", 0, " (0: one pass over the training split)"),
+    ("train.seed", 0, ""),
+    ("train.snapshot_every", 1, ""),
+    ("scaling.workers", 1, ""),
+    ("scaling.cpus_per_worker", 0, " (0: the node's CPUs shared evenly)"),
+    ("logging.image_every", 1, ""),
+    ("logging.num_images", 0, ""),
+    ("logging.max_failures", -1, " (-1: retry forever)"),
+)
+# what `logging.score` may name: reported every epoch, higher is better
+SCORES = ("val/miou", "val/fg_dice", "val/precision", "val/recall", "val/pixel_acc", "epoch")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that the types alone cannot express (a method's own settings are
-    checked by its Params dataclass)."""
+    """Ranges and cross-field checks that the types alone cannot express (a method's own
+    settings are checked by its Params dataclass)."""
     check_choice("optim.name", cfg.optim.name, ("adamw", "adam", "sgd"))
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
+    for key, low, note in AT_LEAST:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        kind = "an integer" if isinstance(value, int) else "a number"
+        check(value >= low, f"{key}={value} is out of range: use {kind} >= {low}{note}")
     checks = [
-        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (cfg.scaling.workers >= 1, "scaling.workers must be >= 1"),
-        (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (cfg.optim.clip_norm >= 0, "optim.clip_norm must be >= 0 (0: no clipping)"),
-        (0 < cfg.data.scale_min <= cfg.data.scale_max, "need 0 < data.scale_min <= scale_max"),
+        (cfg.optim.lr > 0, f"optim.lr must be > 0 (got {cfg.optim.lr}): use e.g. 1e-3"),
+        (
+            0 <= cfg.optim.momentum <= 1,
+            f"optim.momentum={cfg.optim.momentum} is out of range: use a number in [0, 1]",
+        ),
+        (
+            0 < cfg.data.scale_min <= cfg.data.scale_max,
+            f"data.scale_min={cfg.data.scale_min}, data.scale_max={cfg.data.scale_max}: "
+            "use 0 < scale_min <= scale_max",
+        ),
+        (
+            all(c >= 1 for c in cfg.model.decoder_channels),
+            f"model.decoder_channels={list(cfg.model.decoder_channels)}: use integers >= 1",
+        ),
         (
             cfg.train.batch_size % cfg.scaling.workers == 0,
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
@@ -328,10 +390,23 @@ def validate(cfg: Config) -> None:
         ),
     ]
     for ok, message in checks:
-        if not ok:
-            raise RaysegbgError(message)
+        check(ok, message)
+    check_score(cfg.logging.score)
     if cfg.logging.name:  # empty: a name is made up when the run starts
         check_name("logging.name", cfg.logging.name)
+
+
+def check_score(score: str, classes: tuple[str, ...] | None = None) -> None:
+    """`logging.score` picks the best checkpoint (the highest value): it must be a metric every
+    method reports, and with the dataset's `classes` known, a per-class IoU of one of them."""
+    per_class = score.startswith("val/iou/")
+    if score in SCORES or (per_class and (classes is None or score[8:] in classes)):
+        return
+    choices = [*SCORES, *(f"val/iou/{c}" for c in classes or ("<class>",))]
+    raise RaysegbgError(
+        f"logging.score={score!r} is not a score raysegbg reports (higher = better): use one "
+        f"of {', '.join(choices)}"
+    )
 
 
 def check_name(key: str, name: str) -> None:

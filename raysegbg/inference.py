@@ -41,7 +41,15 @@ def load_run(
     ckpt, state = load_checkpoint(run_dir, which, cfg.logging.score)
     meta = read_meta(cfg.data.path)
     method = build_method(cfg, meta.num_classes, meta.channels, meta.ignore_index)
-    method.load_state_dict(state["method"])
+    try:
+        method.load_state_dict(state["method"])
+    except RuntimeError as exc:  # e.g. the dataset at data.path was re-made with other classes
+        detail = str(exc).splitlines()[-1].strip().rstrip(".")
+        raise RaysegbgError(
+            f"checkpoint {ckpt} does not fit the model its run config builds "
+            f"({detail[:160]}): restore the run's dataset at {cfg.data.path}, or train the "
+            "run again"
+        ) from None
     return cfg, meta, method.eval(), ckpt
 
 
@@ -58,11 +66,24 @@ def evaluate_run(run_dir: Location, split: str = "test", which: str = "best") ->
     return out
 
 
+COLOUR_MODES = {"RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
 def _load_image(path: Path, channels: int) -> np.ndarray:
+    """The image as the run's model reads it: a grayscale image for a colour run is repeated
+    over the channels (as `data import` does), an alpha channel is dropped, but a colour image
+    for a grayscale run is refused, since dropping its colour quietly would segment images
+    unlike the ones the run was trained on."""
     try:
         with Image.open(path) as im:
+            if channels == 1 and im.mode in COLOUR_MODES:
+                raise RaysegbgError(
+                    f"image {path} is colour ({im.mode}) but the run was trained on grayscale "
+                    "(1-channel) images: convert it to grayscale first, or use a run trained "
+                    "on colour images"
+                )
             return np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise RaysegbgError(f"cannot read image {path}: {exc}; remove or replace it") from None
 
 

@@ -37,28 +37,49 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise RaysegbgError(f"model.weights_path {cfg.weights_path} does not exist: fix the path")
 
 
+def check_model_builds(cfg: ModelConfig, in_channels: int, classes: int) -> None:
+    """Build the model on torch's meta device (no memory, no weights: a few milliseconds), so
+    settings smp refuses (an encoder_depth the architecture cannot take, decoder_channels of
+    the wrong length) fail before any worker starts, and read `weights_path` once."""
+    check_model_config(cfg)
+    try:
+        with torch.device("meta"):
+            _create(cfg, in_channels, classes, weights=None)
+    except RuntimeError:  # an encoder that reads tensor values as it is built (mit_b*)
+        pass  # cannot be built on meta: the workers build it for real
+    if cfg.weights_path:
+        _read_weights(Path(cfg.weights_path))
+
+
 def build_model(cfg: ModelConfig, in_channels: int, classes: int) -> nn.Module:
     """An smp model with `classes` output channels; weights come from a local file only."""
     check_model_config(cfg)
+    model = _create(cfg, in_channels, classes, cfg.encoder_weights)
+    if cfg.weights_path:
+        load_weights(model, Path(cfg.weights_path))
+    freeze_unused(model, in_channels)
+    return model
+
+
+def _create(cfg: ModelConfig, in_channels: int, classes: int, weights: str | None) -> nn.Module:
     kwargs: dict = {"encoder_depth": cfg.encoder_depth}
     if cfg.arch.lower() in ("unet", "unetplusplus", "manet"):
         kwargs["decoder_channels"] = tuple(cfg.decoder_channels)
     try:
-        model = smp.create_model(
+        return smp.create_model(
             cfg.arch,
             encoder_name=cfg.encoder,
-            encoder_weights=cfg.encoder_weights,
+            encoder_weights=weights,
             in_channels=in_channels,
             classes=classes,
             **kwargs,
         )
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RaysegbgError(f"cannot build {cfg.arch}/{cfg.encoder}: {msg}") from None
-    if cfg.weights_path:
-        load_weights(model, Path(cfg.weights_path))
-    freeze_unused(model, in_channels)
-    return model
+        msg = str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
+        raise RaysegbgError(
+            f"cannot build {cfg.arch}/{cfg.encoder}: {msg}; change model.encoder_depth, "
+            "model.decoder_channels (one per decoder stage) or model.arch"
+        ) from None
 
 
 def freeze_unused(model: nn.Module, in_channels: int, size: int = 64) -> list[str]:
@@ -80,8 +101,7 @@ def freeze_unused(model: nn.Module, in_channels: int, size: int = 64) -> list[st
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load a full-model state dict, or an encoder-only one (keys without 'encoder.')."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = _read_weights(path)
     target = model
     if not any(k.startswith("encoder.") for k in state) and hasattr(model, "encoder"):
         target = model.encoder
@@ -91,6 +111,24 @@ def load_weights(model: nn.Module, path: Path) -> None:
             f"weights in {path} do not match {type(target).__name__}: "
             f"{len(unexpected)} unexpected keys, {len(missing)} missing"
         )
+
+
+def _read_weights(path: Path) -> dict:
+    """A state dict from a torch file (tensors only: nothing in it can run code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load fails in many ways (struct.error, RuntimeError, ...)
+        raise RaysegbgError(
+            f"model.weights_path {path} is not a torch weights file ({type(exc).__name__}): "
+            "pass a state dict saved with torch.save(model.state_dict(), path)"
+        ) from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise RaysegbgError(
+            f"model.weights_path {path} holds a {type(state).__name__}, not a state dict: "
+            "pass a file saved with torch.save(model.state_dict(), path)"
+        )
+    return state
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):

@@ -55,13 +55,16 @@ def _absolute(path: str) -> str:
 def preflight(cfg: Config, address: str | None) -> DatasetMeta:
     """Everything that can be checked without Ray, so bad input fails in a second; returns
     the dataset's metadata."""
+    from raysegbg.config import check_score
     from raysegbg.data.format import read_meta, read_split
-    from raysegbg.models import check_model_config
+    from raysegbg.models import check_model_builds, check_model_config
 
     check_model_config(cfg.model)
     if storage.is_uri(cfg.logging.storage_path):
         storage.check(cfg.logging.storage_path)
     meta = read_meta(cfg.data.path)
+    check_score(cfg.logging.score, meta.classes)
+    check_model_builds(cfg.model, meta.channels, meta.num_classes)
     method_class(cfg.method.name).check_data(cfg, meta.num_classes)
     for split in ("train", cfg.data.val_split):
         read_split(cfg.data.path, split, columns=["id"])

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from raysegbg.config import Config, from_dict, to_dict
+from raysegbg.config import Config, from_dict, read_yaml, to_dict
 from raysegbg.errors import RaysegbgError
 
 TOP_KEYS = ("params", "description")
@@ -114,16 +113,11 @@ class SearchSpace:
 def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     """Read, compile and check a search-space file against `base` (default config if None)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         found = sorted(x.name for x in Path("search_spaces").glob("*.yaml"))
         hint = f" (search_spaces/ has {', '.join(found)})" if found else ""
         raise RaysegbgError(f"search space {p} not found: pass an existing YAML file{hint}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", -1) + 1
-        raise RaysegbgError(f"search space {p} is not valid YAML (line {line})") from None
-    space = parse_space(data, p.name)
+    space = parse_space(read_yaml(p, "search space"), p.name)
     check_space(space, base or Config())
     return space
 
@@ -199,6 +193,8 @@ def _number(value: Any, key: str, kind: str, where: str, source: str) -> int | f
     else:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    if ok and not math.isfinite(value):
+        raise _error(source, f"{where}: `{key}` is {value}: use a finite number")
     if not ok:
         kind_word = "an integer" if kind == "int" else "a number"
         raise _error(source, f"{where}: `{key}` must be {kind_word}, got {value!r}")

@@ -362,8 +362,25 @@ def read_split(path: Path, split: str, columns: list[str] | None = None) -> pa.T
             f"split {split!r} of dataset {meta.name!r} is empty ({counts}): choose a non-empty "
             f"split or re-create the dataset with val/test fractions > 0"
         )
-    tables = [pq.read_table(Path(path) / f, columns=columns) for f in files]
-    return pa.concat_tables(tables)
+    return pa.concat_tables([_read_shard(Path(path) / f, columns) for f in files])
+
+
+def _read_shard(file: Path, columns: list[str] | None) -> pa.Table:
+    """One Parquet shard; a missing or corrupt one is a one-line error, not Arrow's."""
+    if not file.is_file():
+        raise RaysegbgError(
+            f"shard {file} listed in {META_FILE} is missing: re-create the dataset with "
+            f"`raysegbg data make` or re-run `raysegbg data import`"
+        )
+    try:
+        return pq.read_table(file, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        # Arrow names the file again: keep its first sentence after the path
+        reason = str(exc).split("': ")[-1].split(". ")[0] or type(exc).__name__
+        raise RaysegbgError(
+            f"shard {file} is corrupt ({reason}): re-create the dataset with "
+            f"`raysegbg data make` or re-run `raysegbg data import`"
+        ) from None
 
 
 def class_frequencies(path: Path, split: str) -> np.ndarray:
