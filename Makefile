@@ -22,8 +22,12 @@ $(DATA)/dataset.json: | $(STAMP)
 run: $(STAMP) $(DATA)/dataset.json
 	$(BIN)/raysegbg train --config configs/quickstart.yaml --workers 2
 
+# two pytest workers: the tests on Ray run in order on one, the in-process tests on the other
+# (tests/conftest.py groups them); TEST_WORKERS=0 runs everything in this process
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 lint: $(STAMP)
 	$(BIN)/ruff check raysegbg tests benchmarks

@@ -51,3 +51,16 @@ def ray_local():
     init_ray(None)
     yield ray
     ray.shutdown()
+
+
+# Modules that start Ray clusters of their own (a head on 127.0.0.1, two nodes)
+OWN_CLUSTERS = {"tests.test_jobs", "tests.test_multinode"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n 2 --dist loadgroup` (make test) every test that runs on Ray goes to
+    one worker, in file order, as in a serial run: one Ray at a time on the machine, while the
+    other worker runs the in-process tests (mostly single-threaded at 32 px)."""
+    for item in items:
+        if "ray_local" in item.fixturenames or item.module.__name__ in OWN_CLUSTERS:
+            item.add_marker(pytest.mark.xdist_group("ray"))
