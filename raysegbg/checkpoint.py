@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from raysegbg import storage
-from raysegbg.config import Config, load_config
+from raysegbg.config import Config, load_config, to_dict
+from raysegbg.data.format import DatasetMeta
+from raysegbg.data.loader import PAD_MULTIPLE, PIXEL_SCALE
 from raysegbg.errors import RaysegbgError
 from raysegbg.storage import Location
 
@@ -185,3 +187,37 @@ def run_config(run_dir: Location) -> Config:
         local = Path(tmp) / "config.yaml"
         local.write_bytes(storage.read_bytes(storage.join(run_dir, "config.yaml")))
         return load_config(local)
+
+
+INFERENCE_KEY = "inference"  # the checkpoint entry `inference_record` writes
+
+
+def inference_record(cfg: Config, meta: DatasetMeta) -> dict[str, Any]:
+    """What applying the weights needs besides the run's config: saved in every checkpoint, so
+    `predict` and `export` work after the dataset is gone. Plain data only (`weights_only`
+    reads it). Pixels are fed as (value - mean) / std on 0..255 values, the loader's
+    `value / PIXEL_SCALE - 1`, padded right and below to a multiple of `pad_multiple`."""
+    return {
+        "version": 1,
+        "method": cfg.method.name,
+        "model": to_dict(cfg.model),
+        "dataset": meta.name,
+        "classes": list(meta.classes),
+        "channels": meta.channels,
+        "ignore_index": meta.ignore_index,
+        "normalize": {"mean": [PIXEL_SCALE] * meta.channels, "std": [PIXEL_SCALE] * meta.channels},
+        "pad_multiple": PAD_MULTIPLE,
+    }
+
+
+def recorded_meta(state: dict[str, Any]) -> DatasetMeta | None:
+    """The dataset facts a checkpoint recorded (None for checkpoints written before they
+    were): enough of a `DatasetMeta` to build and apply the method."""
+    record = state.get(INFERENCE_KEY)
+    if not isinstance(record, dict):
+        return None
+    return DatasetMeta(
+        name=record.get("dataset", ""), classes=tuple(record["classes"]),
+        ignore_index=record["ignore_index"], channels=record["channels"], image_size=None,
+        splits={}, labeled={}, shards=(),
+    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""`raysegbg` command line: train, eval, predict, data.
+"""`raysegbg` command line: train, eval, predict, export, data.
 
 Every handler validates its input before Ray starts; a `RaysegbgError` is printed as one line
 (`error: ...`) with exit code 2.
@@ -37,7 +37,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from raysegbg.inference import evaluate_run
+    from raysegbg.inference import evaluate
     from raysegbg.storage import location
 
     if args.json and not Path(args.json).parent.is_dir():
@@ -45,13 +45,10 @@ def _eval(args: argparse.Namespace) -> int:
             f"--json {args.json}: folder {Path(args.json).parent} does not exist: create it "
             "or write the file elsewhere"
         )
-    metrics = evaluate_run(location(args.run), args.split, args.checkpoint)
-    width = max(len(k) for k in metrics)
-    print(f"{'metric':<{width}}  value   ({args.split} split, {args.checkpoint} checkpoint)")
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {value:.4f}")
+    result = evaluate(location(args.run), args.split, args.checkpoint)
+    print("\n".join(result.lines(f"{args.split} split, {args.checkpoint} checkpoint")))
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=1))
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
     return 0
 
 
@@ -59,8 +56,22 @@ def _predict(args: argparse.Namespace) -> int:
     from raysegbg.inference import predict_folder
     from raysegbg.storage import location
 
-    count = predict_folder(location(args.run), Path(args.input), Path(args.output), args.overwrite)
-    print(f"wrote {count} masks to {args.output}")
+    out = Path(args.output)
+    flags = {"probs": args.probs, "overlay": args.overlay, "tta": args.tta}
+    count = predict_folder(location(args.run), Path(args.input), out, args.overwrite, **flags)
+    extra = [f"{out / kind}/" for kind in ("probs", "overlay") if flags[kind]]
+    also = f" (and {', '.join(extra)})" if extra else ""
+    print(f"wrote {count} masks to {out}{also}{', flip TTA' if args.tta else ''}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from raysegbg.export import export_run
+    from raysegbg.storage import location
+
+    out = Path(args.out)
+    sidecar = export_run(location(args.run), args.format, out, args.checkpoint, args.overwrite)
+    print(f"wrote {out} ({args.format}) and {sidecar} (classes, channels, normalisation)")
     return 0
 
 
@@ -91,15 +102,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="test")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument(
+        "--json", help="also write the metrics, per-class metrics and confusion matrix here"
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="write PNG masks for a folder of images")
     p.add_argument("--run", required=True, help="run folder or URI (<storage_path>/<name>)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True, help="mask folder, outside --input")
-    p.add_argument("--overwrite", action="store_true", help="replace masks already in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already there")
+    p.add_argument(
+        "--probs", action="store_true", help="also write probs/<image>.npy: float16 (C, H, W)"
+    )
+    p.add_argument(
+        "--overlay", action="store_true", help="also write overlay/<image>.png: mask over image"
+    )
+    p.add_argument(
+        "--tta", action="store_true", help="average with the prediction of the mirrored image"
+    )
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="write a run's model as ONNX, TorchScript or a state dict")
+    p.add_argument("--run", required=True, help="run folder or URI (<storage_path>/<name>)")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "state_dict"))
+    p.add_argument("--out", required=True, help="model file; its sidecar is <out>.json")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and its sidecar")
+    p.set_defaults(func=_export)
 
     from raysegbg.data.commands import add_data_commands
 

@@ -1,4 +1,9 @@
-"""`eval` and `predict`: load a run's best checkpoint in-process and apply it."""
+"""`eval` and `predict`: load a run's best checkpoint in-process and apply it.
+
+The checkpoint records what applying it needs besides the run's config (class names,
+channels, normalisation: `checkpoint.inference_record`), so `predict` works after the
+run's dataset is gone; for checkpoints written before that, the dataset's meta stands in.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,27 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from raysegbg import storage
-from raysegbg.checkpoint import load_checkpoint, run_config
-from raysegbg.config import Config
+from raysegbg.checkpoint import (
+    INFERENCE_KEY,
+    inference_record,
+    load_checkpoint,
+    recorded_meta,
+    run_config,
+)
+from raysegbg.config import Config, replace
 from raysegbg.data.format import DatasetMeta, read_meta
-from raysegbg.data.loader import PAD_MULTIPLE, SegDataset, eval_batches
+from raysegbg.data.loader import SegDataset, eval_batches
 from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Method
-from raysegbg.metrics import confusion, summarize
+from raysegbg.metrics import Evaluation, confusion
+from raysegbg.predictor import MASKS, Predictor, output_kinds, output_path, write_outputs
 from raysegbg.storage import Location
 from raysegbg.train import build_method
 
@@ -31,6 +44,15 @@ def load_run(
     """A run's config, dataset meta, method (weights of the `which` checkpoint) and that
     checkpoint's folder. `run_dir` may be a URI (object store): its config.yaml and the one
     checkpoint are downloaded."""
+    cfg, meta, state, ckpt = read_run(run_dir, which)
+    return cfg, meta, build_loaded(cfg, meta, state, ckpt), ckpt
+
+
+def read_run(
+    run_dir: Location, which: str = "best"
+) -> tuple[Config, DatasetMeta, dict[str, Any], Location]:
+    """A run's config, the dataset meta its `which` checkpoint records (or, for an older
+    checkpoint, the dataset's), that checkpoint's state and folder."""
     run_dir = storage.location(run_dir)
     if not storage.is_file(storage.join(run_dir, "config.yaml")):
         raise RaysegbgError(
@@ -39,7 +61,25 @@ def load_run(
         )
     cfg = run_config(run_dir)
     ckpt, state = load_checkpoint(run_dir, which, cfg.logging.score)
-    meta = read_meta(cfg.data.path)
+    return cfg, recorded_meta(state) or _dataset_meta(cfg, ckpt), state, ckpt
+
+
+def _dataset_meta(cfg: Config, ckpt: Location) -> DatasetMeta:
+    try:
+        return read_meta(cfg.data.path)
+    except RaysegbgError:
+        raise RaysegbgError(
+            f"checkpoint {ckpt} predates checkpoints that record class names and channels, "
+            f"and the run's dataset at {cfg.data.path} is missing or unreadable: restore it "
+            "there (its dataset.json is enough), or train the run again"
+        ) from None
+
+
+def build_loaded(cfg: Config, meta: DatasetMeta, state: dict[str, Any], ckpt: Location) -> Method:
+    """The method with the checkpoint's weights, in eval mode. Built without pretrained
+    weights (the checkpoint holds all of them), so neither a download nor the run's
+    `model.weights_path` file is needed."""
+    cfg = replace(cfg, model={"encoder_weights": None, "weights_path": ""})
     method = build_method(cfg, meta.num_classes, meta.channels, meta.ignore_index)
     try:
         method.load_state_dict(state["method"])
@@ -50,20 +90,23 @@ def load_run(
             f"({detail[:160]}): restore the run's dataset at {cfg.data.path}, or train the "
             "run again"
         ) from None
-    return cfg, meta, method.eval(), ckpt
+    return method.eval()
+
+
+def evaluate_run(run_dir: Location, split: str = "test", which: str = "best") -> dict[str, float]:
+    return evaluate(run_dir, split, which).metrics
 
 
 @torch.no_grad()
-def evaluate_run(run_dir: Location, split: str = "test", which: str = "best") -> dict[str, float]:
+def evaluate(run_dir: Location, split: str = "test", which: str = "best") -> Evaluation:
+    """The confusion matrix of the `which` checkpoint on a split, and what it gives."""
     cfg, meta, method, ckpt = load_run(run_dir, which)
     dataset = SegDataset(cfg.data.path, split)
     cm = torch.zeros(meta.num_classes, meta.num_classes, dtype=torch.long)
     for batch in eval_batches(dataset, cfg.train.val_batch_size):
         pred = method.predict(batch.images).argmax(1)
         cm += confusion(pred, batch.masks, meta.num_classes, meta.ignore_index)
-    out = summarize(cm.numpy(), meta.classes)
-    out["samples"] = float(len(dataset))
-    return out
+    return Evaluation(cm.numpy(), list(meta.classes), len(dataset))
 
 
 COLOUR_MODES = {"RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -89,21 +132,33 @@ def _load_image(path: Path, channels: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict_folder(
-    run_dir: Location, input_dir: Path, output_dir: Path, overwrite: bool = False
+    run_dir: Location,
+    input_dir: Path,
+    output_dir: Path,
+    overwrite: bool = False,
+    *,
+    probs: bool = False,
+    overlay: bool = False,
+    tta: bool = False,
 ) -> int:
-    """Write one PNG class-id mask per input image. The masks are written to a temporary
-    folder beside `output_dir` and moved in only when all are done, so a failure leaves no
-    half-written mask; an existing mask is replaced only with `overwrite`."""
+    """Write one PNG class-id mask per input image, and with `probs` / `overlay` its class
+    probabilities / a colour overlay (files: `raysegbg.predictor`); `tta` averages the
+    softmax of the image and of its mirror image. Everything is written to a temporary
+    folder beside `output_dir` and moved in only when all is done, so a failure leaves no
+    half-written file; an existing one is replaced only with `overwrite`."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    kinds = output_kinds(probs, overlay)
     files = _input_images(input_dir, output_dir)
-    _check_outputs(files, output_dir, overwrite)
-    _, meta, method, _ = load_run(run_dir)
-    images = [_load_image(p, meta.channels) for p in files]  # all readable before any write
+    _check_outputs(files, output_dir, overwrite, kinds)
+    cfg, meta, state, ckpt = read_run(run_dir)
+    images = [_load_image(p, meta.channels) for p in files]  # all readable before the build
+    record = state.get(INFERENCE_KEY) or inference_record(cfg, meta)
+    predictor = Predictor(build_loaded(cfg, meta, state, ckpt), record, tta)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         for path, arr in zip(files, images, strict=True):
-            Image.fromarray(_predict_one(method, arr)).save(tmp / f"{path.stem}.png")
+            write_outputs(tmp, path.stem, arr, _predict_one(predictor, arr), kinds)
         _move_into(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,12 +166,15 @@ def predict_folder(
 
 
 def _move_into(tmp: Path, output_dir: Path) -> None:
-    """Rename the finished masks into place (one rename each, or of the whole folder)."""
+    """Rename the finished files into place (one rename each, or of the whole folder)."""
     if not output_dir.exists():
         os.replace(tmp, output_dir)
         return
-    for p in tmp.iterdir():
-        os.replace(p, output_dir / p.name)
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            target = output_dir / p.relative_to(tmp)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(p, target)
 
 
 def _input_images(input_dir: Path, output_dir: Path) -> list[Path]:
@@ -136,10 +194,13 @@ def _input_images(input_dir: Path, output_dir: Path) -> list[Path]:
     return files
 
 
-def _check_outputs(files: list[Path], output_dir: Path, overwrite: bool) -> None:
-    """Refuse two images with one mask name, and existing masks unless `overwrite`."""
+def _check_outputs(files: list[Path], output_dir: Path, overwrite: bool, kinds: list[str]) -> None:
+    """Refuse two images with one mask name, and existing outputs unless `overwrite`."""
     if output_dir.exists() and not output_dir.is_dir():
         raise RaysegbgError(f"--output {output_dir} is a file: pass a folder")
+    for kind in [k for k in kinds if k != MASKS]:  # the subfolders of --probs, --overlay
+        if (output_dir / kind).exists() and not (output_dir / kind).is_dir():
+            raise RaysegbgError(f"{output_dir / kind} is a file, where predict writes a folder")
     seen: dict[str, Path] = {}
     for path in files:
         if path.stem in seen:
@@ -148,19 +209,16 @@ def _check_outputs(files: list[Path], output_dir: Path, overwrite: bool) -> None
                 f"{path.stem}.png: rename one of them"
             )
         seen[path.stem] = path
-    existing = [s for s in seen if (output_dir / f"{s}.png").exists()]
+    existing = [output_path(output_dir, k, s) for s in seen for k in kinds]
+    existing = [p for p in existing if p.exists()]
     if existing and not overwrite:
         raise RaysegbgError(
-            f"{len(existing)} mask(s) already in {output_dir} (e.g. {existing[0]}.png): pass "
-            "--overwrite to replace them, or choose another --output"
+            f"{len(existing)} output(s) already in {output_dir} (e.g. "
+            f"{existing[0].relative_to(output_dir)}): pass --overwrite to replace them, or "
+            "choose another --output"
         )
 
 
-def _predict_one(method: Method, arr: np.ndarray) -> np.ndarray:
-    img = arr[:, :, None] if arr.ndim == 2 else arr
-    x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()[None] / 127.5 - 1
-    h, w = x.shape[2:]
-    ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
-    x = torch.nn.functional.pad(x, (0, pw, 0, ph))
-    pred = method.predict(x).argmax(1)[0, :h, :w]
-    return pred.to(torch.uint8).numpy()
+def _predict_one(predictor: Predictor, arr: np.ndarray) -> np.ndarray:
+    """(C, H, W) class probabilities of one image."""
+    return predictor.probabilities(arr)

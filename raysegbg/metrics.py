@@ -7,6 +7,8 @@ on that binary split, so they mean the same for binary and multi-class tasks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -41,3 +43,64 @@ def summarize(cm: np.ndarray, class_names: list[str] | None = None) -> dict[str,
     out["recall"] = _ratio(fg_tp, fg_tp + fg_fn)
     out["fpr"] = _ratio(fg_fp, fg_fp + bg_tn)
     return out
+
+
+def per_class(cm: np.ndarray, class_names: list[str] | None = None) -> dict[str, dict]:
+    """Per class: IoU, Dice, precision, recall (NaN where undefined, e.g. a class absent from
+    both truth and prediction) and its true pixel count."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp, truth, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    names = class_names or [str(i) for i in range(len(cm))]
+    return {
+        name: {
+            "iou": _ratio(tp[k], truth[k] + predicted[k] - tp[k]),
+            "dice": _ratio(2 * tp[k], truth[k] + predicted[k]),
+            "precision": _ratio(tp[k], predicted[k]),
+            "recall": _ratio(tp[k], truth[k]),
+            "pixels": int(truth[k]),
+        }
+        for k, name in enumerate(names)
+    }
+
+
+@dataclass
+class Evaluation:
+    """A split's confusion matrix (rows: truth, columns: prediction, in pixels) and every
+    metric derived from it, as `raysegbg eval` prints and writes them."""
+
+    confusion: np.ndarray
+    classes: list[str]
+    samples: int
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {**summarize(self.confusion, self.classes), "samples": float(self.samples)}
+
+    def to_dict(self) -> dict:
+        """JSON-ready: the flat metrics, then `per_class` and `confusion`."""
+        matrix = {"rows": "truth", "columns": "prediction", "classes": list(self.classes),
+                  "pixels": np.asarray(self.confusion).astype(int).tolist()}  # fmt: skip
+        return {**self.metrics, "per_class": per_class(self.confusion, self.classes),
+                "confusion": matrix}  # fmt: skip
+
+    def lines(self, title: str) -> list[str]:
+        """The summary metrics under `title`, a per-class table and the confusion matrix."""
+        summary = {k: v for k, v in self.metrics.items() if not k.startswith("iou/")}
+        width = max(len(k) for k in summary)
+        out = [f"{'metric':<{width}}  value   ({title})"]
+        out += [f"{k:<{width}}  {v:.0f}" if k == "samples" else f"{k:<{width}}  {v:.4f}"
+                for k, v in summary.items()]  # fmt: skip
+        rows = per_class(self.confusion, self.classes)
+        name_w = max(len("class"), *(len(c) for c in self.classes))
+        out += ["", f"{'class':<{name_w}}  {'IoU':>6}  {'Dice':>6}  {'prec':>6}  {'recall':>6}"
+                f"  {'pixels':>10}"]  # fmt: skip
+        for name, m in rows.items():
+            cells = "  ".join(f"{m[k]:>6.4f}" for k in ("iou", "dice", "precision", "recall"))
+            out.append(f"{name:<{name_w}}  {cells}  {m['pixels']:>10d}")
+        cm = np.asarray(self.confusion).astype(int)
+        cell = max(8, len(str(cm.max(initial=0))), *(len(c) for c in self.classes))
+        out += ["", "confusion matrix (pixels; rows: truth, columns: prediction)",
+                f"{'':<{name_w}}  " + "  ".join(f"{c:>{cell}}" for c in self.classes)]  # fmt: skip
+        for name, row in zip(self.classes, cm, strict=True):
+            out.append(f"{name:<{name_w}}  " + "  ".join(f"{v:>{cell}d}" for v in row))
+        return out

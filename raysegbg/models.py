@@ -61,19 +61,21 @@ def build_model(cfg: ModelConfig, in_channels: int, classes: int) -> nn.Module:
     return model
 
 
-def _create(cfg: ModelConfig, in_channels: int, classes: int, weights: str | None) -> nn.Module:
-    kwargs: dict = {"encoder_depth": cfg.encoder_depth}
+def smp_kwargs(cfg: ModelConfig, in_channels: int, classes: int) -> dict:
+    """The arguments of `smp.create_model` that build this model (without weights): what an
+    exported state dict loads into."""
+    kwargs: dict = {"arch": cfg.arch, "encoder_name": cfg.encoder, "encoder_weights": None,
+                    "in_channels": in_channels, "classes": classes,
+                    "encoder_depth": cfg.encoder_depth}  # fmt: skip
     if cfg.arch.lower() in ("unet", "unetplusplus", "manet"):
-        kwargs["decoder_channels"] = tuple(cfg.decoder_channels)
+        kwargs["decoder_channels"] = list(cfg.decoder_channels)
+    return kwargs
+
+
+def _create(cfg: ModelConfig, in_channels: int, classes: int, weights: str | None) -> nn.Module:
+    kwargs = smp_kwargs(cfg, in_channels, classes)
     try:
-        return smp.create_model(
-            cfg.arch,
-            encoder_name=cfg.encoder,
-            encoder_weights=weights,
-            in_channels=in_channels,
-            classes=classes,
-            **kwargs,
-        )
+        return smp.create_model(**{**kwargs, "encoder_weights": weights})
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
         msg = str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
         raise RaysegbgError(

@@ -19,7 +19,13 @@ from typing import Any
 import torch
 
 from raysegbg import dist
-from raysegbg.checkpoint import checkpoint_name, save_checkpoint, save_shared
+from raysegbg.checkpoint import (
+    INFERENCE_KEY,
+    checkpoint_name,
+    inference_record,
+    save_checkpoint,
+    save_shared,
+)
 from raysegbg.config import Config, to_dict
 from raysegbg.data.format import read_meta
 from raysegbg.data.loader import (
@@ -216,6 +222,7 @@ class Trainer:
             "stage_step0": self.stage_step0,
             "rng": torch.get_rng_state(),
             "config": to_dict(self.cfg),
+            INFERENCE_KEY: inference_record(self.cfg, self.meta),  # predict without the dataset
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ UNLABELED_FIX = (
     "fraction (`raysegbg data make --labeled-fraction`, or the method's labeled_fraction)"
 )
 PAD_MULTIPLE = 32  # smp encoders downsample up to 32x
+PIXEL_SCALE = 127.5  # 0..255 pixel values are fed as value / PIXEL_SCALE - 1, in [-1, 1]
 ROWS = {"labeled": ("labeled",), "unlabeled": ("unlabeled",), "all": ("labeled", "unlabeled")}
 
 
@@ -166,7 +167,8 @@ class SegDataset:
         what = f"'{self.ids[i]}'"
         img = decode_png(self._images[i], what=f"image of {what}")
         img = img[:, :, None] if img.ndim == 2 else img
-        image = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 127.5 - 1
+        pixels = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()
+        image = pixels / PIXEL_SCALE - 1
         if self._masks[i] is None:
             mask = torch.full(image.shape[1:], self.meta.ignore_index, dtype=torch.long)
         elif isinstance(self._masks[i], np.ndarray):  # given by `with_masks`

@@ -27,10 +27,10 @@ def images(folder: Path, names=("a.png", "b.png")) -> dict[str, bytes]:
 def no_model(monkeypatch):
     """The refusals come before any work: loading the run fails the test."""
 
-    def load_run(*args, **kwargs):
-        raise AssertionError("predict loaded the run before checking its output folder")
+    def read_run(*args, **kwargs):
+        raise AssertionError("predict read the run before checking its output folder")
 
-    monkeypatch.setattr(inference, "load_run", load_run)
+    monkeypatch.setattr(inference, "read_run", read_run)
 
 
 def predict(run: Path, input_dir: Path, output_dir: Path, *extra: str) -> int:

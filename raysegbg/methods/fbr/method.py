@@ -121,7 +121,7 @@ class Fbr(Method):
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)
-        self.check_data(cfg, num_classes)
+        self.check_classes(num_classes)  # not check_data: predict builds fbr without the dataset
         p = self.params
         self.cam = CamNet(cfg, in_channels, num_classes, p.proj_dims)
         self.seg = build_model(cfg.model, in_channels, num_classes)
@@ -136,10 +136,14 @@ class Fbr(Method):
         self.first_cams: torch.Tensor | None = None
         self.clusters: tuple | None = None
 
-    @classmethod
-    def check_data(cls, cfg: Config, num_classes: int) -> None:
+    @staticmethod
+    def check_classes(num_classes: int) -> None:
         if num_classes < 2:
             raise RaysegbgError("fbr needs a background and at least one object class")
+
+    @classmethod
+    def check_data(cls, cfg: Config, num_classes: int) -> None:
+        cls.check_classes(num_classes)
         labels = read_split(cfg.data.path, "train", columns=["image_labels"])
         missing = labels.column("image_labels").null_count
         if missing:
