@@ -10,19 +10,41 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raysegbg.errors import RaysegbgError
 
+if TYPE_CHECKING:
+    from raysegbg.config import Config
+
 
 def _train(args: argparse.Namespace) -> int:
-    from raysegbg.config import check_name, load_config, replace
     from raysegbg.ray_train import fit, print_summary
+
+    result = fit(train_config(args), address=args.address)
+    print_summary(result)
+    return 0
+
+
+def train_config(args: argparse.Namespace) -> Config:
+    """The run config of `raysegbg train`: --config (or --from-run's config without its name),
+    --set, then --workers, --gpu and --name."""
+    from raysegbg.config import check_name, load_config, replace
+    from raysegbg.runs import check_fresh, config_from_run
 
     if args.name is not None:
         check_name("--name", args.name)
     if args.workers is not None and args.workers < 1:
         raise RaysegbgError(f"--workers {args.workers} is out of range: use an integer >= 1")
-    cfg = load_config(args.config, args.set)
+    if args.config and args.from_run:
+        raise RaysegbgError(
+            "pass --config or --from-run, not both (--from-run DIR reads DIR/config.yaml; "
+            "change its settings with --set)"
+        )
+    if args.from_run:
+        cfg = config_from_run(args.from_run, args.set, args.name)
+    else:
+        cfg = load_config(args.config, args.set)
     scaling = {}
     if args.workers is not None:
         scaling["workers"] = args.workers
@@ -31,9 +53,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.name is not None:
         cfg = replace(cfg, logging={"name": args.name})
     cfg = replace(cfg, scaling=scaling) if scaling else cfg
-    result = fit(cfg, address=args.address)
-    print_summary(result)
-    return 0
+    if args.from_run:
+        check_fresh(cfg, args.from_run)
+    return cfg
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -84,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one run on Ray Train (local or a cluster)")
     p.add_argument("--config", help="YAML run config (see configs/)")
     p.add_argument(
+        "--from-run",
+        metavar="DIR",
+        help="start a fresh run from a saved run's config.yaml (a new name is generated "
+        "unless --name is given)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -93,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="number of Ray Train workers (DDP ranks)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, AMP on")
     p.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
-    p.add_argument("--name", help="run name; re-using a name resumes that run")
+    p.add_argument(
+        "--name", help="run name; re-using a name resumes that run (with --from-run: a new one)"
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split")
@@ -140,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     from raysegbg.tune_commands import add_tune_commands
 
     add_tune_commands(sub)
+    from raysegbg.config_reference import add_config_commands
+
+    add_config_commands(sub)
     return parser
 
 

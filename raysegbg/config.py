@@ -22,47 +22,52 @@ from raysegbg.errors import RaysegbgError
 from raysegbg.registry import check_method_name, params_class, section_name, section_names
 
 
+def param(default: Any, help: str) -> Any:
+    """A config field with its help text (`raysegbg config show` lists them)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the Parquet dataset lives and how training samples are augmented."""
 
-    path: str = "data/hetero_bg"
-    crop_size: int = 64  # training crop (pixels); 0 keeps the full image
-    augment: bool = True
-    hflip: bool = True
-    vflip: bool = False
-    scale_min: float = 0.8
-    scale_max: float = 1.25
-    val_split: str = "val"
-    cache: bool = True  # keep decoded images in memory after first use
+    path: str = param("data/hetero_bg", "dataset folder (`raysegbg data make` or `data import`)")
+    crop_size: int = param(
+        64, "training crop in pixels (smaller images padded with ignore); 0: full image"
+    )
+    augment: bool = param(True, "random rescaling and flips of training samples (false: crop only)")
+    hflip: bool = param(True, "with augment: random horizontal flips")
+    vflip: bool = param(False, "with augment: random vertical flips")
+    scale_min: float = param(0.8, "with augment: smallest random rescale factor")
+    scale_max: float = param(1.25, "with augment: largest random rescale factor")
+    val_split: str = param("val", "split validated after every epoch (scores the checkpoints)")
+    cache: bool = param(True, "keep decoded images in memory after first use")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """A segmentation-models-pytorch model: any architecture and encoder."""
 
-    arch: str = "Unet"
-    encoder: str = "resnet18"
-    encoder_depth: int = 4
-    decoder_channels: tuple[int, ...] = (128, 64, 32, 16)
-    encoder_weights: str | None = None  # smp weight name; never downloaded by default
-    weights_path: str = ""  # local file with encoder (or full model) weights
-    sync_bn: bool = True  # batch statistics over the global batch when workers > 1
-
-
-def param(default: Any, help: str) -> Any:
-    """A config field with its help text (`raysegbg.config.describe` lists them)."""
-    return field(default=default, metadata={"help": help})
+    arch: str = param("Unet", "smp architecture: Unet, FPN, DeepLabV3Plus, Segformer, ...")
+    encoder: str = param("resnet18", "smp encoder, or a timm one as tu-<name>")
+    encoder_depth: int = param(4, "encoder stages used (smp's encoder_depth)")
+    decoder_channels: tuple[int, ...] = param(
+        (128, 64, 32, 16), "Unet/UnetPlusPlus/MAnet decoder widths, one per encoder stage"
+    )
+    encoder_weights: str | None = param(None, "smp weight name (downloaded); null: random init")
+    weights_path: str = param("", "local file of encoder (or full model) weights to start from")
+    sync_bn: bool = param(True, "batch statistics over the global batch when workers > 1")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Which method trains the model, and its parameters: `method.<section>.*`, typed by the
-    method's own `Params` dataclass (see `raysegbg.registry`). The chosen method's section is
-    always there (defaults filled in); another method's section is kept, checked, when given
-    (a search over methods sets several)."""
+    """Which method trains the model; its settings are `method.<method>.*`.
 
-    name: str = "baseline"
+    Those are typed by the method's own `Params` dataclass (see `raysegbg.registry`). The
+    chosen method's section is always there (defaults filled in); another method's section is
+    kept, checked, when given (a search over methods sets several)."""
+
+    name: str = param("baseline", "a registered method (see below) or a plug-in: pkg.module:Class")
     sections: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -86,45 +91,61 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | sgd
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: str = "cosine"  # cosine | poly | constant
-    warmup_steps: int = 0
-    clip_norm: float = 0.0  # clip each optimiser's gradient norm to this (0: no clipping)
+    """The optimiser and learning-rate schedule of every training stage."""
+
+    name: str = param("adamw", "adamw | adam | sgd")
+    lr: float = param(2e-3, "base learning rate (reached after the warm-up)")
+    weight_decay: float = param(1e-4, "weight decay (decoupled for adamw)")
+    momentum: float = param(0.9, "momentum of sgd (unused by adam and adamw)")
+    schedule: str = param("cosine", "cosine | poly | constant: lr decay over a stage's steps")
+    warmup_steps: int = param(0, "steps of linear lr warm-up at the start of each stage")
+    clip_norm: float = param(0.0, "clip each optimiser's gradient norm to this; 0: no clipping")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 16  # global batch, split evenly over workers
-    val_batch_size: int = 32
-    steps_per_epoch: int = 0  # 0 = one pass over the training split
-    seed: int = 0
-    amp: bool = True  # mixed precision, used on GPU only
-    snapshot_every: int = 50  # steps between async snapshots of shared state to its actor
+    """How long and in what batches the run trains."""
+
+    epochs: int = param(20, "training epochs (a multi-stage method: of its last stage)")
+    batch_size: int = param(16, "global batch, split evenly over workers")
+    val_batch_size: int = param(32, "validation (and eval) batch of each worker")
+    steps_per_epoch: int = param(0, "optimiser steps per epoch; 0: one pass over the train split")
+    seed: int = param(0, "seeds the initial weights, sample order and augmentation")
+    amp: bool = param(True, "mixed precision (bf16, else fp16), on GPU only")
+    snapshot_every: int = param(50, "steps between async snapshots of shared state to its actor")
+    patience: int = param(
+        0,
+        "stop after this many epochs without a better logging.score; 0: off (a multi-stage "
+        "method: counted in its last stage)",
+    )
 
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 0  # 0 = the node's CPUs shared evenly between workers
+    """How many Ray Train workers, and what each gets."""
+
+    workers: int = param(2, "Ray Train workers (DDP ranks)")
+    use_gpu: bool = param(False, "one GPU per worker (DDP over NCCL)")
+    cpus_per_worker: int = param(0, "CPUs (and torch threads) per worker; 0: the node's, shared")
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    storage_path: str = "runs"
-    name: str = ""  # run name; empty = <method>-<timestamp>; same name resumes
-    image_every: int = 5  # epochs between image grids in TensorBoard
-    num_images: int = 4
-    score: str = "val/miou"  # metric that picks the best checkpoint
-    max_failures: int = 2  # worker-group restarts before the run fails
+    """Where runs are written, and what is logged and kept."""
+
+    storage_path: str = param("runs", "folder or URI (s3://...) that holds the run folders")
+    name: str = param("", "run name; empty: <method>-<time>; an existing run's name resumes it")
+    image_every: int = param(5, "epochs between validation image grids in TensorBoard")
+    num_images: int = param(4, "validation images in each grid")
+    score: str = param("val/miou", "metric that picks the best checkpoint (higher = better)")
+    max_failures: int = param(2, "worker-group restarts before the run fails; -1: forever")
+    progress_every: float = param(10.0, "seconds between progress lines within an epoch; 0: off")
 
 
 @dataclass(frozen=True)
 class Config:
+    """A whole run: one section per dataclass above."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -348,11 +369,13 @@ AT_LEAST: tuple[tuple[str, int | float, str], ...] = (
     ("train.steps_per_epoch", 0, " (0: one pass over the training split)"),
     ("train.seed", 0, ""),
     ("train.snapshot_every", 1, ""),
+    ("train.patience", 0, " (0: off)"),
     ("scaling.workers", 1, ""),
     ("scaling.cpus_per_worker", 0, " (0: the node's CPUs shared evenly)"),
     ("logging.image_every", 1, ""),
     ("logging.num_images", 0, ""),
     ("logging.max_failures", -1, " (-1: retry forever)"),
+    ("logging.progress_every", 0, " (0: off)"),
 )
 # what `logging.score` may name: reported every epoch, higher is better
 SCORES = ("val/miou", "val/fg_dice", "val/precision", "val/recall", "val/pixel_acc", "epoch")

@@ -170,11 +170,18 @@ def _check_config(args: list[str]) -> str | None:
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")
+    parser.add_argument("--from-run")
     parser.add_argument("--set", action="append", default=[])
     known, _ = parser.parse_known_args(args[1:])
-    if known.config and not Path(known.config).is_file():
-        return None  # a path on the cluster: the job checks it
-    cfg = load_config(known.config, known.set)
+    source = known.config or (known.from_run and str(Path(known.from_run) / "config.yaml"))
+    if source and not Path(source).is_file():
+        return None  # a path on the cluster (or a URI): the job checks it
+    if known.from_run:
+        from raysegbg.runs import config_from_run
+
+        cfg = config_from_run(known.from_run, known.set)
+    else:
+        cfg = load_config(known.config, known.set)
     for key, value in (
         ("data.path", cfg.data.path),
         ("logging.storage_path", cfg.logging.storage_path),

@@ -12,6 +12,8 @@ from typing import Any
 
 from raysegbg.checkpoint import list_checkpoints, load_checkpoint
 from raysegbg.config import Config, save_config
+from raysegbg.environment import write_environment
+from raysegbg.ray_train import resolve_run
 from raysegbg.registry import method_class
 from raysegbg.state.actor import SharedState
 from raysegbg.state.client import LocalStateClient
@@ -47,11 +49,19 @@ class LocalHost:
         )
 
 
-def train_local(cfg: Config, run_dir: Path, **kwargs: Any) -> tuple[dict[str, float], LocalHost]:
-    """Train (or resume) a run in-process; returns the last metrics and the host."""
+def train_local(
+    cfg: Config, run_dir: Path | None = None, **kwargs: Any
+) -> tuple[dict[str, float], LocalHost]:
+    """Train (or resume) a run in-process; returns the last metrics and the host (whose
+    `run_dir` is the run folder). `run_dir` defaults to `<logging.storage_path>/<name>`, the
+    folder `raysegbg train` would use (a name is made up when the config has none)."""
+    if run_dir is None:
+        cfg = resolve_run(cfg)
+        run_dir = Path(cfg.logging.storage_path) / cfg.logging.name
     host = LocalHost(run_dir)
     host.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, host.run_dir / "config.yaml")
+    write_environment(host.run_dir)
     if method_class(cfg.method.name).needs_shared_state and "state" not in kwargs:
         # the shared state in-process: same snapshots, store and checkpoints as the actor's
         state = SharedState(str(host.run_dir / "state"))

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from raysegbg import storage
 from raysegbg.config import Config, from_dict, replace, save_config, to_dict
+from raysegbg.environment import write_environment
 from raysegbg.errors import RaysegbgError
 from raysegbg.registry import method_class
 from raysegbg.state import actor as state_actor
@@ -213,8 +214,9 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
 
 
 def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
-    """Run a resolved config on the connected Ray: run folder, config.yaml, the shared-state
-    actor if the method needs one, and TorchTrainer.fit. Returns Ray Train's Result.
+    """Run a resolved config on the connected Ray: run folder, config.yaml, environment.json,
+    the shared-state actor if the method needs one, and TorchTrainer.fit. Returns Ray Train's
+    Result.
 
     `fit` and every Tune trial (`raysegbg.tune`, which adds its report callback) call this.
     """
@@ -224,6 +226,7 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
 
     run_dir = storage.join(cfg.logging.storage_path, cfg.logging.name)
     save_run_config(cfg, run_dir)
+    write_environment(run_dir)
     workers = cfg.scaling.workers
     cpus = cfg.scaling.cpus_per_worker or max(
         1, int(ray.cluster_resources().get("CPU", 1)) // workers

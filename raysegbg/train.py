@@ -41,6 +41,7 @@ from raysegbg.methods.base import Batch, Method, StageRun, StepInfo
 from raysegbg.metrics import confusion, summarize
 from raysegbg.models import convert_global_bn
 from raysegbg.optim import lr_scale
+from raysegbg.progress import StepProgress, progress_line
 from raysegbg.registry import method_class
 from raysegbg.step import StepRunner
 from raysegbg.tb import RunWriter, flat_hparams, triptych_grid
@@ -112,6 +113,8 @@ class Trainer:
         own share of the training split, with its own lr schedule)."""
         cfg, stage = self.cfg, self.stages[index]
         self.stage_index, self.stage = index, stage
+        # (best score, its 1-based epoch) within this stage: what `train.patience` counts from
+        self.stage_best: tuple[float, int] = (-math.inf, self.epoch)
         keep = stage.keep
         self.stage_ds = self.train_ds if keep is None else self.train_ds.subset(keep)
         self.method.enter_stage(stage, self.stage_run())
@@ -158,7 +161,8 @@ class Trainer:
     def train_epoch(self, writer: RunWriter) -> dict[str, float]:
         sums: dict[str, torch.Tensor] = {}
         start = time.perf_counter()
-        for batch in self.loader.epoch(self.epoch):
+        progress = self.step_progress()
+        for done, batch in enumerate(self.loader.epoch(self.epoch), 1):
             losses = self.train_step(batch)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.float()
@@ -166,6 +170,8 @@ class Trainer:
                 writer.scalars({"train/loss": losses["loss"].item()}, self.step)
                 writer.scalars({"lr": self.runner.lr()}, self.step)
                 writer.scalars(self.extra, self.step, prefix="train/")
+            if progress is not None:
+                progress.update(done, sums.get("loss"))
         seconds = time.perf_counter() - start
         names = sorted(sums)
         totals = dist.all_reduce_sum(torch.stack([sums[k] for k in names]).cpu())
@@ -176,6 +182,17 @@ class Trainer:
         out["perf/images_per_s"] = self.steps * self.cfg.train.batch_size / seconds
         out["perf/epoch_s"] = seconds
         return out
+
+    def step_progress(self) -> StepProgress | None:
+        """Rank 0's progress lines within this epoch (`logging.progress_every`)."""
+        every = self.cfg.logging.progress_every
+        if self.ctx.rank != 0 or every <= 0:
+            return None
+        head = f"{self.stage_prefix()}epoch {self.epoch + 1:>3}/{self.total_epochs}"
+        return StepProgress(self.ctx.log, every, head, self.steps, self.cfg.train.batch_size)
+
+    def stage_prefix(self) -> str:
+        return f"[{self.stage.name}] " if len(self.stages) > 1 else ""
 
     def one_shot(self) -> dict[str, float]:
         """The epoch slot of a one-shot stage: the method's stage work, timed."""
@@ -220,10 +237,17 @@ class Trainer:
             "best": self.best,
             "stage": self.stage_index,
             "stage_step0": self.stage_step0,
+            "stage_best": list(self.stage_best),
             "rng": torch.get_rng_state(),
             "config": to_dict(self.cfg),
             INFERENCE_KEY: inference_record(self.cfg, self.meta),  # predict without the dataset
         }
+
+    def patience_spent(self) -> bool:
+        """`train.patience` epochs of the last stage without a better score: the run ends."""
+        patience = self.cfg.train.patience
+        last_stage = self.stage_index == len(self.stages) - 1
+        return patience > 0 and last_stage and self.epoch - self.stage_best[1] >= patience
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the checkpoint's epoch: in its stage with its optimiser states, or
@@ -239,6 +263,8 @@ class Trainer:
             self.enter_stage(index)
             return
         self.enter_stage(index, state.get("stage_step0", 0))
+        if "stage_best" in state:  # a checkpoint from before `train.patience`: counts anew
+            self.stage_best = (float(state["stage_best"][0]), int(state["stage_best"][1]))
         if self.runner is not None:
             self.runner.load_state_dict(state["optimizers"])
         torch.set_rng_state(state["rng"])
@@ -256,7 +282,7 @@ def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
     trainer = Trainer(cfg, ctx, state)
     if state is not None:
         ctx.log(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step})")
-    if trainer.epoch >= trainer.total_epochs:
+    if trainer.epoch >= trainer.total_epochs or trainer.patience_spent():
         return _already_done(trainer)
     rank0 = ctx.rank == 0
     writer = RunWriter(ctx.run_dir / "tb" if rank0 else None, purge_step=trainer.step or None)
@@ -267,6 +293,9 @@ def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
                 trainer.enter_stage(trainer.stage_of(trainer.epoch))
             metrics = run_epoch(trainer, writer)
             trainer.epoch += 1
+            if trainer.patience_spent():
+                _log_early_stop(trainer)
+                break
         if rank0 and metrics:
             writer.hparams(flat_hparams(to_dict(cfg)), _final_metrics(metrics, trainer.best))
     finally:
@@ -274,9 +303,25 @@ def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
     return metrics
 
 
+def _log_early_stop(trainer: Trainer) -> None:
+    if trainer.ctx.rank == 0:
+        best, epoch = trainer.stage_best
+        trainer.ctx.log(
+            f"stopped early at epoch {trainer.epoch}: {trainer.cfg.logging.score} has not "
+            f"improved for {trainer.cfg.train.patience} epochs (best {best:.4f} at epoch {epoch})"
+        )
+
+
 def _already_done(trainer: Trainer) -> dict[str, float]:
     """Re-running a finished run reports its final validation metrics and trains nothing."""
-    trainer.ctx.log(f"run already complete ({trainer.epoch} epochs): evaluating only")
+    if trainer.ctx.rank == 0:
+        early = trainer.epoch < trainer.total_epochs
+        done = f"stopped early at epoch {trainer.epoch}" if early else f"{trainer.epoch} epochs"
+        trainer.ctx.log(f"run already complete ({done}): evaluating only")
+        trainer.ctx.log(
+            f"hint: use --from-run {trainer.ctx.run_dir} to start a fresh run from it (or "
+            f"raise train.{'patience' if early else 'epochs'} to continue this one)"
+        )
     metrics, _ = trainer.evaluate()
     metrics.update({"epoch": trainer.epoch, "step": trainer.step, "best_score": trainer.best})
     trainer.ctx.report(metrics, None, checkpoint_name(trainer.epoch))
@@ -292,6 +337,8 @@ def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
     metrics.update(val)
     score = metrics.get(cfg.logging.score, float("nan"))
     trainer.best = max(trainer.best, score) if score == score else trainer.best
+    if score > trainer.stage_best[0]:  # NaN never improves
+        trainer.stage_best = (score, epoch + 1)
     metrics.update({"epoch": epoch + 1, "step": trainer.step, "best_score": trainer.best})
     if ctx.rank == 0:
         writer.scalars({k: v for k, v in metrics.items() if "/" in k}, epoch + 1)
@@ -303,8 +350,7 @@ def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
             writer.image(tag, image, epoch + 1)
         for tag, values in trainer.method.tb_histograms().items():
             writer.histogram(tag, values, epoch + 1)
-        stage = f"[{trainer.stage.name}] " if len(trainer.stages) > 1 else ""
-        ctx.log(stage + progress_line(metrics, trainer.total_epochs))
+        ctx.log(trainer.stage_prefix() + progress_line(metrics, trainer.total_epochs))
     _report(trainer, metrics)
     return metrics
 
@@ -329,13 +375,3 @@ def _final_metrics(metrics: dict[str, float], best: float) -> dict[str, float]:
     out = {f"hparams/{k.split('/')[-1]}": metrics[k] for k in keys if k in metrics}
     out["hparams/best_score"] = best
     return out
-
-
-def progress_line(m: dict[str, float], epochs: int) -> str:
-    nan = float("nan")
-    return (
-        f"epoch {int(m['epoch']):>3}/{epochs}  loss {m.get('train/loss', nan):.4f}  "
-        f"val miou {m.get('val/miou', nan):.4f}  fg_dice {m.get('val/fg_dice', nan):.4f}  "
-        f"fpr {m.get('val/fpr', nan):.4f}  {m['perf/images_per_s']:.0f} img/s  "
-        f"{m['perf/epoch_s']:.1f}s"
-    )

@@ -1,0 +1,200 @@
+"""Every config key with its type, default and help text, read from the config dataclasses
+(each method's from its own `Params`): `raysegbg config show`, and the README's reference.
+
+The README section between the two markers is generated, and a test compares it with this
+module's output; after changing a key, regenerate it:
+
+    python -m raysegbg.config_reference --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raysegbg.config import Config, MethodConfig, describe
+from raysegbg.errors import RaysegbgError
+from raysegbg.registry import METHODS, params_class, section_name
+
+START = "<!-- config-reference:start -->"
+END = "<!-- config-reference:end -->"
+README = Path(__file__).resolve().parent.parent / "README.md"
+FORMATS = ("table", "markdown")
+
+
+@dataclass(frozen=True)
+class Key:
+    key: str  # dotted, as `--set` takes it
+    type: str
+    default: str  # as YAML would write it
+    help: str
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # `data`, `method.baseline`, ...
+    about: str  # the dataclass's docstring, first paragraph
+    keys: list[Key]
+
+
+def sections(method: str | None = None) -> list[Section]:
+    """The run config's sections, then the settings of `method` (a registered name or a
+    plug-in's import path), or of every registered method when None."""
+    out = []
+    for f in dataclasses.fields(Config):
+        cls = f.default_factory
+        rows = _keys(cls, f.name)
+        if cls is MethodConfig:  # `sections` is the method settings listed below, not a key
+            rows = [row for row in rows if row.key != "method.sections"]
+        out.append(Section(f.name, _about(cls), rows))
+    for name in [method] if method else METHODS:
+        params = params_class(name)
+        if params is not None:
+            prefix = f"method.{section_name(name)}"
+            out.append(Section(prefix, _about(params), _keys(params, prefix)))
+    return out
+
+
+def _keys(cls: type, prefix: str) -> list[Key]:
+    hints = typing.get_type_hints(cls)
+    return [
+        Key(f"{prefix}.{name}", type_name(hints[name]), show(default), text)
+        for name, default, text in describe(cls)
+    ]
+
+
+def _about(cls: type) -> str:
+    paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(paragraph.split())
+
+
+def type_name(tp: Any) -> str:
+    """An annotation as a user writes the value in YAML: `list[int]`, `str | null`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in typing.get_args(tp))
+    if origin is tuple:
+        return f"list[{type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def show(value: Any) -> str:
+    """A default as YAML would write it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value or '""'
+    return repr(value)
+
+
+# -- rendering ------------------------------------------------------------------------------
+def table(secs: list[Section]) -> str:
+    """Aligned plain-text columns (key, type, default, help), one block per section."""
+    columns = ("key", "type", "default")
+    width = [max(len(getattr(k, c)) for s in secs for k in s.keys) for c in columns]
+    width[2] = min(width[2], 16)  # a long default pushes its own help only
+    lines = []
+    for sec in secs:
+        lines += [f"{sec.name}: {sec.about}" if sec.about else sec.name]
+        for k in sec.keys:
+            cells = [f"{getattr(k, c):<{w}}" for c, w in zip(columns, width, strict=True)]
+            lines.append(("  " + "  ".join([*cells, k.help])).rstrip())
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown(secs: list[Section]) -> str:
+    """One table per section (`|` in a cell and `<` in text escaped)."""
+    lines = []
+    for sec in secs:
+        lines += [f"#### `{sec.name}`", ""]
+        if sec.about:
+            lines += [_text(sec.about), ""]
+        lines += ["| key | type | default | what it does |", "|---|---|---|---|"]
+        for k in sec.keys:
+            cells = [f"`{k.key}`", k.type, f"`{k.default}`", _text(k.help)]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _text(text: str) -> str:
+    """Markdown of plain text: `<` outside code spans escaped (`tu-<name>` is no HTML tag)."""
+    parts = text.split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
+
+
+def readme_section() -> str:
+    """The README's reference, markers included."""
+    note = "<!-- generated by `python -m raysegbg.config_reference --write`: edit the help "
+    note += "text in raysegbg/config.py and raysegbg/methods/*/params.py, not here -->"
+    return f"{START}\n{note}\n\n{markdown(sections())}{END}"
+
+
+def readme_reference(text: str) -> str:
+    """The reference section of a README's text, markers included."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise RaysegbgError(f"README has no {START} ... {END} section: add the two markers")
+    return text[start : end + len(END)]
+
+
+def write_readme(path: Path = README) -> bool:
+    """Regenerate the README's reference in place; True when it changed."""
+    text = path.read_text(encoding="utf-8")
+    new = text.replace(readme_reference(text), readme_section())
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+# -- command line ---------------------------------------------------------------------------
+def add_config_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `config show`."""
+    p = subparsers.add_parser("config", help="list every config key (type, default, help)")
+    commands = p.add_subparsers(dest="config_command", required=True)
+    p = commands.add_parser("show", help="every config key with its type, default and help")
+    p.add_argument(
+        "--method",
+        help="list this method's settings only (a name, or a plug-in's package.module:Class); "
+        "default: every registered method's",
+    )
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.set_defaults(func=cmd_show)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    secs = sections(args.method)
+    sys.stdout.write(markdown(secs) if args.format == "markdown" else table(secs))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m raysegbg.config_reference",
+        description="Check (default) or rewrite the README's config reference.",
+    )
+    parser.add_argument("--write", action="store_true", help="rewrite it in README.md")
+    args = parser.parse_args(argv)
+    if args.write:
+        print(f"{README}: " + ("reference updated" if write_readme() else "already up to date"))
+        return 0
+    if readme_reference(README.read_text(encoding="utf-8")) != readme_section():
+        print(f"{README}: the config reference is stale: run with --write", file=sys.stderr)
+        return 1
+    print(f"{README}: the config reference is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
