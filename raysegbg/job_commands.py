@@ -69,6 +69,11 @@ def _address(p: argparse.ArgumentParser) -> None:
         help="the head's dashboard, e.g. http://HEAD:8265 "
         "(default: $RAYSEGBG_ADDRESS, else $RAY_ADDRESS)",
     )
+    p.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="allow a plain-HTTP address on another machine (the token is sent readable)",
+    )
 
 
 def _write(text: str) -> None:
@@ -78,7 +83,7 @@ def _write(text: str) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     command, run_name = prepare_command(args.job_command, args.name, jobs.project_root())
-    sub = jobs.submit(args.address, command, run_name, args.runtime_env)
+    sub = jobs.submit(args.address, command, run_name, args.runtime_env, args.insecure_http)
     print(f"submitted job {sub.job_id} (run {sub.run_name}) to {sub.conn.url}")
     print(f"  entrypoint: {sub.entrypoint}")
     if not args.wait:
@@ -94,7 +99,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     rows = [("JOB", "STATUS", "START", "ENTRYPOINT")]
-    rows += [_job_row(job) for job in jobs.list_jobs(args.address)]
+    rows += [_job_row(job) for job in jobs.list_jobs(args.address, args.insecure_http)]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
@@ -112,14 +117,14 @@ def _job_row(job: Any) -> tuple[str, str, str, str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    job = jobs.job_info(jobs.connect(args.address), args.job_id)
+    job = jobs.job_info(jobs.connect(args.address, args.insecure_http), args.job_id)
     run = (job.metadata or {}).get("raysegbg_run", "-")
     print(f"{args.job_id}  {job.status}  run {run}  {job.message or ''}".rstrip())
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    conn = jobs.connect(args.address)
+    conn = jobs.connect(args.address, args.insecure_http)
     if not args.follow:
         _write(jobs.job_logs(conn, args.job_id))
         return 0
@@ -129,7 +134,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    stopped = jobs.stop_job(jobs.connect(args.address), args.job_id)
+    stopped = jobs.stop_job(jobs.connect(args.address, args.insecure_http), args.job_id)
     print(f"job {args.job_id} " + ("stopping" if stopped else "had already ended"))
     return 0
 

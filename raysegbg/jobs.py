@@ -9,6 +9,7 @@ a few seconds) and the token, so bad input fails with one line before any upload
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import re
@@ -77,6 +78,28 @@ def dashboard_url(address: str | None) -> str:
     return f"{url.scheme}://{netloc}{url.path.rstrip('/')}"
 
 
+def check_transport(url: str, insecure_http: bool = False) -> None:
+    """The token goes with every request: plain HTTP only to this machine, unless asked."""
+    parsed = urlparse(url)
+    if parsed.scheme != "http" or insecure_http or _is_loopback(parsed.hostname or ""):
+        return
+    raise RaysegbgError(
+        f"{url} is plain HTTP to another machine, so the cluster's token would cross the "
+        "network readable: forward the dashboard's port (`ssh -L 8265:localhost:8265 HEAD`, "
+        "then --address http://127.0.0.1:8265), use https://, or pass --insecure-http on a "
+        "network you trust"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_reachable(url: str, timeout: float = 3.0) -> None:
     """Fail in `timeout` seconds, not minutes, when nothing listens at the dashboard URL."""
     parsed = urlparse(url)
@@ -87,8 +110,8 @@ def check_reachable(url: str, timeout: float = 3.0) -> None:
     except OSError as exc:
         raise RaysegbgError(
             f"cannot reach the Ray dashboard at {url} ({exc.strerror or exc}): start the head "
-            "with `ray start --head --dashboard-host 0.0.0.0`, or forward its port 8265 "
-            "(`ssh -L 8265:localhost:8265 HEAD` or `kubectl port-forward svc/HEAD-svc 8265`)"
+            "(`ray start --head`), forward its port 8265 (`ssh -L 8265:localhost:8265 HEAD` or "
+            "`kubectl port-forward svc/HEAD-svc 8265`) and pass --address http://127.0.0.1:8265"
         ) from None
 
 
@@ -149,9 +172,10 @@ def _quiet_ray_logs() -> Iterator[None]:
         working_dir.setLevel(levels[1])
 
 
-def connect(address: str | None) -> Connection:
-    """A Jobs API client for the cluster, after the address and token checks."""
+def connect(address: str | None, insecure_http: bool = False) -> Connection:
+    """A Jobs API client for the cluster, after the address, transport and token checks."""
     url = dashboard_url(address)
+    check_transport(url, insecure_http)
     check_reachable(url)
     from ray.job_submission import JobSubmissionClient
 
@@ -217,11 +241,15 @@ def submission_id(run_name: str) -> str:
 
 
 def submit(
-    address: str | None, args: list[str], run_name: str, runtime_env_file: str | None = None
+    address: str | None,
+    args: list[str],
+    run_name: str,
+    runtime_env_file: str | None = None,
+    insecure_http: bool = False,
 ) -> Submission:
     """Run `raysegbg ARGS` as a job (ARGS settled by `job_commands.prepare_command`)."""
     runtime_env = build_runtime_env(runtime_env_file, project_root())
-    conn = connect(address)
+    conn = connect(address, insecure_http)
     entrypoint = shlex.join(["python", "-m", "raysegbg.cli", *args])
     with _errors(conn.url), _quiet_ray_logs():
         job_id = conn.client.submit_job(
@@ -233,9 +261,9 @@ def submit(
     return Submission(job_id, run_name, entrypoint, conn)
 
 
-def list_jobs(address: str | None) -> list[Any]:
+def list_jobs(address: str | None, insecure_http: bool = False) -> list[Any]:
     """Every job the cluster knows (ray's JobDetails), oldest first."""
-    conn = connect(address)
+    conn = connect(address, insecure_http)
     with _errors(conn.url):
         jobs = conn.client.list_jobs()
     return sorted(jobs, key=lambda job: job.start_time or 0)

@@ -23,6 +23,7 @@ import pytest
 
 from raysegbg import jobs
 from raysegbg.checkpoint import list_checkpoints
+from raysegbg.cli import main
 from raysegbg.errors import RaysegbgError
 from raysegbg.job_commands import add_job_commands, prepare_command
 from tests.conftest import tiny_overrides
@@ -204,7 +205,8 @@ def test_unreachable_address_fails_fast(address, tiny_data, tmp_path):
     url = address.format(port=_free_port())  # nothing listens there any more
     sets = ["--set", f"data.path={tiny_data}", "--set", f"logging.storage_path={tmp_path}"]
     start = time.perf_counter()
-    result = _cli("submit", "--address", url, "--", "train", *sets, env=_clean_env(), timeout=30)
+    result = _cli("submit", "--address", url, "--insecure-http", "--", "train", *sets,
+                  env=_clean_env(), timeout=30)  # fmt: skip
     assert time.perf_counter() - start < 5
     assert result.returncode == 2 and "cannot reach the Ray dashboard" in result.stderr
 
@@ -276,3 +278,16 @@ def test_runtime_env_ships_project_and_merges_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("workdir: .\n")
     with pytest.raises(RaysegbgError, match="unknown keys \\['workdir'\\]"):
         jobs.build_runtime_env(str(tmp_path / "bad.yaml"), ROOT)
+
+
+@pytest.mark.parametrize("address", ["http://10.1.2.3:8265", "head.example.org:8265"])
+def test_plain_http_to_another_machine_needs_a_flag(address, capsys):
+    """The token goes with every request: refused before any connection is tried."""
+    for argv in (["jobs"], ["logs", "j1"], ["stop", "j1"]):
+        assert main([*argv, "--address", address]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "plain HTTP to another machine" in err and "--insecure-http" in err, err
+        assert "\n" not in err
+    for ok in ("http://127.0.0.1:8265", "http://localhost:8265", "https://head.example.org"):
+        jobs.check_transport(jobs.dashboard_url(ok))
+    jobs.check_transport("http://10.1.2.3:8265", insecure_http=True)
