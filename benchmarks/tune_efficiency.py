@@ -66,7 +66,7 @@ def reports(result: SearchResult) -> list[tuple[float, str, int, float]]:
     """Every epoch report of every trial: (wall time, trial, epoch, metric), oldest first."""
     out = []
     for row in result.rows:
-        with (result.search_dir / row.trial_id / "progress.csv").open() as f:
+        with (result.search_dir / row.name / "progress.csv").open() as f:
             for rec in csv.DictReader(f):
                 out.append(
                     (float(rec["wall_time"]), row.trial_id, int(rec["epoch"]), float(rec[METRIC]))
@@ -86,7 +86,7 @@ def trained_epochs(result: SearchResult) -> int:
 
     total = 0
     for row in result.rows:
-        acc = EventAccumulator(str(result.search_dir / row.trial_id / "tb"))
+        acc = EventAccumulator(str(result.search_dir / row.name / "tb"))
         acc.Reload()
         total += max((e.step for e in acc.Scalars(METRIC)), default=0)
     return total

@@ -170,6 +170,12 @@ def delete_dir(loc: Location) -> None:
         fs.delete_dir(path)
 
 
+def delete_file(loc: Location) -> None:
+    fs, path = resolve(loc)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def upload_file(src: Path, dest: Location) -> None:
     write_bytes(dest, Path(src).read_bytes())
 

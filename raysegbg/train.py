@@ -37,6 +37,7 @@ from raysegbg.data.loader import (
     steps_per_epoch,
     stream_dataset,
 )  # fmt: skip
+from raysegbg.hparams import final_metrics, run_hparams
 from raysegbg.methods.base import Batch, Method, StageRun, StepInfo
 from raysegbg.metrics import confusion, summarize
 from raysegbg.models import convert_global_bn
@@ -44,9 +45,9 @@ from raysegbg.optim import lr_scale
 from raysegbg.progress import StepProgress, progress_line
 from raysegbg.registry import method_class
 from raysegbg.step import StepRunner
-from raysegbg.tb import RunWriter, flat_hparams, triptych_grid
+from raysegbg.tb import RunWriter, triptych_grid
 
-LOG_EVERY = 10  # steps between per-step TensorBoard points
+LOG_EVERY = 10  # steps between per-step TensorBoard points (`train/*`, `lr`; see `tb`)
 
 
 @dataclass
@@ -167,7 +168,7 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.float()
             if self.ctx.rank == 0 and (self.step - 1) % LOG_EVERY == 0:
-                writer.scalars({"train/loss": losses["loss"].item()}, self.step)
+                writer.scalars({k: float(v) for k, v in losses.items()}, self.step, "train/")
                 writer.scalars({"lr": self.runner.lr()}, self.step)
                 writer.scalars(self.extra, self.step, prefix="train/")
             if progress is not None:
@@ -285,7 +286,7 @@ def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
     if trainer.epoch >= trainer.total_epochs or trainer.patience_spent():
         return _already_done(trainer)
     rank0 = ctx.rank == 0
-    writer = RunWriter(ctx.run_dir / "tb" if rank0 else None, purge_step=trainer.step or None)
+    writer = RunWriter(ctx.run_dir / "tb" if rank0 else None, resumed_at=trainer.step or None)
     metrics: dict[str, float] = {}
     try:
         while trainer.epoch < trainer.total_epochs:
@@ -297,7 +298,7 @@ def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
                 _log_early_stop(trainer)
                 break
         if rank0 and metrics:
-            writer.hparams(flat_hparams(to_dict(cfg)), _final_metrics(metrics, trainer.best))
+            writer.hparams(run_hparams(to_dict(cfg)), final_metrics(metrics, [cfg.logging.score]))
     finally:
         writer.close()
     return metrics
@@ -341,7 +342,7 @@ def run_epoch(trainer: Trainer, writer: RunWriter) -> dict[str, float]:
         trainer.stage_best = (score, epoch + 1)
     metrics.update({"epoch": epoch + 1, "step": trainer.step, "best_score": trainer.best})
     if ctx.rank == 0:
-        writer.scalars({k: v for k, v in metrics.items() if "/" in k}, epoch + 1)
+        writer.epoch_scalars(metrics, epoch + 1)
         last = epoch + 1 == trainer.total_epochs
         if shown and ((epoch + 1) % cfg.logging.image_every == 0 or last):
             grid = triptych_grid(*zip(*shown, strict=True), trainer.meta.ignore_index)
@@ -368,10 +369,3 @@ def _report(trainer: Trainer, metrics: dict[str, float]) -> None:
         if trainer.ctx.state is not None:
             save_shared(Path(tmp), trainer.ctx.state.checkpoint(trainer.method))
         trainer.ctx.report(metrics, Path(tmp), name)
-
-
-def _final_metrics(metrics: dict[str, float], best: float) -> dict[str, float]:
-    keys = ("val/miou", "val/fg_dice", "val/fpr", "val/precision", "val/recall")
-    out = {f"hparams/{k.split('/')[-1]}": metrics[k] for k in keys if k in metrics}
-    out["hparams/best_score"] = best
-    return out

@@ -1,22 +1,25 @@
 """Hyperparameter search on Ray Tune: Optuna (TPE) proposes, ASHA stops, Train trains.
 
 Every trial is a small driver function that runs the same Train entry point as `raysegbg train`
-(`ray_train.run_trainer`) with the sampled values, named by the trial id, and forwards each
-epoch's metrics to Tune. Everything lands in one folder, `<storage>/<search name>/`: the
-trials' runs (`<trial id>/`: config, checkpoints, `tb/`), one HParams session per trial
-(`hparams/<trial id>`), `summary.csv`, `best_config.yaml`, a plot (written by `tune_report`,
-uploaded when the storage is an object store), and Tune's own state so an interrupted search
-can be resumed. The only module besides `ray_train` that imports Ray Tune; the command line
-(`tune_commands`) imports this module, never the other way round.
+(`ray_train.run_trainer`) with the sampled values, named `<search>_<nnn>_<values>`
+(`trial_name`), and forwards each epoch's metrics to Tune. Everything lands in one folder,
+`<storage>/<search name>/`: the trials' runs (`<trial name>/`: config, checkpoints, `tb/` with
+the trial's one HParams session), `hparams/` (the HParams table's columns), `summary.csv`,
+`best_config.yaml`, a plot (written by `tune_report`, uploaded when the storage is an object
+store), and Tune's own state so an interrupted search can be resumed. Ray's status table shows
+each trial's epoch and searched metric. The only module besides `ray_train` that imports Ray
+Tune; the command line (`tune_commands`) imports this module, never the other way round.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from raysegbg.errors import RaysegbgError
 from raysegbg.ray_train import init_ray, preflight, resolve_run, run_trainer
 from raysegbg.search_space import SearchSpace, apply_params, load_space, parse_space
 from raysegbg.storage import Location
+from raysegbg.tb import clear_sessions
 from raysegbg.tune_report import HPARAMS_DIR, TrialRow, write_reports
 
 SEARCH_FILE = "search.yaml"  # what a resume needs: base config, space, options
@@ -42,6 +46,8 @@ ASHA_FILE = "asha_rungs.state"  # not .pkl/.json: Tune copies those back over ou
 DRIVER_RESOURCES = {"node:__internal_head__": 0.01}  # drivers take no CPU, live on the head
 ASHA_REDUCTION = 3  # a third of the trials at a rung go on
 TRIAL_POLL_S = "1"  # seconds between a trial's Train controller polls of its workers
+STATUS_EVERY_S = 30  # seconds between Ray's status tables
+NAME_VALUES_CHARS = 64  # the sampled values in a trial's name are cut to about this
 
 
 @dataclass
@@ -81,6 +87,9 @@ def run_search(opts: SearchOptions, callbacks: list[Any] | None = None) -> Searc
     warnings.filterwarnings("ignore", message="The reported value is ignored")
     # our writers own TensorBoard (one session per trial); Tune keeps its CSV/JSON results only
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # Tune's newer console output picks its table's metrics itself (the first few reported:
+    # train losses); the documented CLIReporter (`_status_table`) shows the searched one
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     init_ray(opts.address)
     search_dir = storage.location(plan["search_dir"])
     trainable = _trainable(plan)
@@ -230,19 +239,31 @@ def _new_tuner(plan: dict[str, Any], trainable: Any, callbacks: list[Any]) -> ra
             sampler=make_sampler(plan["seed"], samples),
         )
     scheduler = _scheduler(plan)
+    # Grid trials are counted from 0, the searcher's from 1: both named from 001
+    namer = partial(trial_name, plan["name"], int(plan["grid"]))
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(
             metric=plan["metric"], mode=plan["mode"], search_alg=searcher, scheduler=scheduler,
             num_samples=samples, max_concurrent_trials=plan["concurrent"],
-            trial_dirname_creator=_trial_dirname,
+            trial_name_creator=namer, trial_dirname_creator=namer,
         ),
         run_config=ray.tune.RunConfig(
             name=plan["name"], storage_path=str(search_dir.parent),
             callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *callbacks],
-            verbose=1,
+            progress_reporter=_status_table(plan, space), verbose=1,
         ),
+    )  # fmt: skip
+
+
+def _status_table(plan: dict[str, Any], space: SearchSpace) -> ray.tune.CLIReporter:
+    """Ray's periodic status table: each trial's epoch and searched metric (best first, by
+    the TuneConfig's metric and mode) by its sampled values."""
+    return ray.tune.CLIReporter(
+        metric_columns={"epoch": "epoch", plan["metric"]: plan["metric"]},
+        parameter_columns={name: name.rsplit(".", 1)[-1] for name in space.names},
+        sort_by_metric=True, max_report_frequency=STATUS_EVERY_S, print_intermediate_tables=True,
     )  # fmt: skip
 
 
@@ -265,14 +286,31 @@ def make_sampler(seed: int, samples: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
 
 
-def _trial_dirname(trial: Any) -> str:
-    return trial.trial_id  # the trial's Tune files and its Train run share <search>/<trial id>
+def trial_name(search: str, first: int, trial: Any) -> str:
+    """`<search>_<nnn>_<values>`, e.g. `s1_003_lr=0.0012,arch=FPN`: the trial's name in Ray's
+    table, its folder (its Tune files and its Train run share it) and its TensorBoard run.
+    nnn is Tune's count of the trials made (a resumed search goes on counting), from 1."""
+    count = trial.experiment_tag.split("_", 1)[0]
+    index = f"{int(count) + first:03d}" if count.isdigit() else trial.trial_id
+    return "_".join(filter(None, [search, index, _values_text(trial.config)]))
+
+
+def _values_text(params: dict[str, Any]) -> str:
+    """`lr=0.0012,arch=FPN`: the last part of each name, 3 digits, as many as fit."""
+    parts: list[str] = []
+    for key, value in params.items():
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        part = f"{key.rsplit('.', 1)[-1]}={shown}"
+        if parts and len(",".join([*parts, part])) > NAME_VALUES_CHARS:
+            break
+        parts.append(part)
+    # a folder name: no separators, brackets or spaces (a list value), no `..`
+    return re.sub(r"\.\.+", ".", re.sub(r"[^\w.=,+-]+", "-", ",".join(parts))).strip("-")
 
 
 def _trial_driver(params: dict[str, Any], base: dict[str, Any], search_dir: str) -> None:
-    """Runs in each trial's Tune actor: the sampled config as a Train run named by trial id."""
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(base, params, search_dir, trial_id)
+    """Runs in each trial's Tune actor: the sampled config as a Train run named as the trial."""
+    cfg = trial_config(base, params, search_dir, ray.tune.get_context().get_trial_name())
     # Train hands each report to its controller at a poll and a worker blocks on its next
     # report until then: poll often so short epochs are not stretched and ASHA's stop lands
     # within about an epoch (propagated from this process to the run's controller)
@@ -339,8 +377,8 @@ class _StampedReport(TuneReportCallback):
 # -- after: rows, reports ---------------------------------------------------------------------
 def _finish(plan: dict[str, Any], results: Any) -> SearchResult:
     search_dir = storage.location(plan["search_dir"])
-    # Tune's own record of how each trial ended (the result grid does not say)
-    trials = {t.trial_id: t for t in ray.tune.ExperimentAnalysis(str(search_dir)).trials}
+    # Tune's own record of how each trial ended (the result grid does not say), by folder
+    trials = {Path(t.path).name: t for t in ray.tune.ExperimentAnalysis(str(search_dir)).trials}
     epochs = plan["trial_base"]["train"]["epochs"]
     rows = [_row(r, trials, plan["metric"], epochs) for r in results]
     space = parse_space(plan["space"], SEARCH_FILE)
@@ -362,18 +400,21 @@ def _write_reports(
     with tempfile.TemporaryDirectory(prefix="raysegbg-reports-") as tmp:
         best = write_reports(Path(tmp), *args)
         storage.delete_dir(search_dir / HPARAMS_DIR)
+        for row in rows:  # the sessions the trials' runs wrote
+            clear_sessions(search_dir / row.name / "tb")
         storage.upload_dir(Path(tmp), search_dir)
     return best
 
 
 def _row(result: Any, trials: dict[str, Any], metric: str, epochs: int) -> TrialRow:
-    trial_id = Path(result.path).name  # trial folders are named by trial id
+    name = Path(result.path).name  # the trial's folder (`trial_name`)
+    trial = trials.get(name)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     epoch = int(metrics.get("epoch", 0))
-    tune_status = getattr(trials.get(trial_id), "status", "")
     status = {"ERROR": "error", "TERMINATED": "finished" if epoch >= epochs else "stopped"}
     error = str(result.error).strip().splitlines()[-1][:200] if result.error else ""
     return TrialRow(
-        trial_id, dict(result.config or {}), float(metrics.get(metric, float("nan"))), epoch,
-        status.get(tune_status, "unfinished"), metrics, error,
+        name, getattr(trial, "trial_id", ""), dict(result.config or {}),
+        float(metrics.get(metric, float("nan"))), epoch,
+        status.get(getattr(trial, "status", ""), "unfinished"), metrics, error,
     )  # fmt: skip

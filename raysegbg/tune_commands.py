@@ -75,7 +75,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"  {_resume_command(args, out.name)}")
         return 1
     if result.best is not None:
-        print(f"\nbest trial {result.best.trial_id}: {result.metric} {result.best.metric:.4f}")
+        print(f"\nbest trial {result.best.name}: {result.metric} {result.best.metric:.4f}")
         print(f"best config  {out / BEST_CONFIG}  (raysegbg train --config {out / BEST_CONFIG})")
     print(f"summary      {out / SUMMARY_CSV}, {out / PLOT}")
     print(f"TensorBoard: tensorboard --logdir {out}")

@@ -2,8 +2,10 @@
 
 A table of the trials (printed by `tune_commands`), `summary.csv`, `best_config.yaml` (the
 base config with the best trial's values), a metric-vs-parameter plot and one TensorBoard
-HParams session per trial (`hparams/<trial id>`). `raysegbg.tune.run_search` writes them into
-the search folder. They need no Ray: this module imports neither `tune` nor `tune_commands`.
+HParams session per trial, in the trial's run (`<trial>/tb`, replacing the one the run wrote)
+with the table's columns declared once in `hparams/`. `raysegbg.tune.run_search` writes them
+into the search folder. They need no Ray: this module imports neither `tune` nor
+`tune_commands`.
 """
 
 from __future__ import annotations
@@ -18,19 +20,20 @@ from typing import Any
 import yaml
 
 from raysegbg.config import from_dict, to_dict
+from raysegbg.hparams import FINAL_METRICS, final_metrics, hparam_value, metric_tag, run_hparams
 from raysegbg.search_space import SearchSpace, apply_params
 
-FINAL_KEYS = ("val/miou", "val/fg_dice", "val/fpr", "val/precision", "val/recall", "best_score")
 SUMMARY_CSV = "summary.csv"
 BEST_CONFIG = "best_config.yaml"
 PLOT = "metric_vs_params.png"
-HPARAMS_DIR = "hparams"
+HPARAMS_DIR = "hparams"  # the search's HParams columns (the sessions are in the trials' runs)
 
 
 @dataclass
 class TrialRow:
     """How one trial went: its sampled parameters and its last reported metrics."""
 
+    name: str  # its folder in the search and its run's name (`raysegbg.tune.trial_name`)
     trial_id: str
     params: dict[str, Any]
     metric: float  # the searched metric at its last epoch
@@ -62,17 +65,18 @@ def write_reports(
     if best is not None:
         write_best_config(search_dir / BEST_CONFIG, base, best, metric)
     plot_metric(search_dir / PLOT, rows, space, metric)
-    write_hparams(search_dir / HPARAMS_DIR, rows)
+    write_hparams(search_dir, rows, base, metric)
     return best
 
 
 def format_table(rows: list[TrialRow], metric: str) -> str:
-    """The trials as an aligned text table, by trial id: status, epochs, metric, values."""
+    """The trials as an aligned text table, in the order they started: status, epochs,
+    metric, values."""
     names = _param_names(rows)
     header = ["trial", "status", "epochs", metric, *names]
     lines = [header]
-    for r in sorted(rows, key=lambda r: r.trial_id):
-        cells = [r.trial_id, r.status, str(r.epochs), _fmt(r.metric)]
+    for r in sorted(rows, key=lambda r: r.name):
+        cells = [r.name, r.status, str(r.epochs), _fmt(r.metric)]
         lines.append(cells + [_fmt(r.params[n]) if n in r.params else "-" for n in names])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     padded = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
@@ -81,13 +85,13 @@ def format_table(rows: list[TrialRow], metric: str) -> str:
 
 def write_csv(path: Path, rows: list[TrialRow], names: list[str], metric: str) -> None:
     """`summary.csv`: one line per trial, the final metrics and error after the values."""
-    extra = [k for k in FINAL_KEYS if k != metric]
+    extra = [k for k in FINAL_METRICS if k != metric]
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["trial_id", "status", "epochs", metric, *names, *extra, "error"])
-        for r in sorted(rows, key=lambda r: r.trial_id):
+        out.writerow(["trial", "trial_id", "status", "epochs", metric, *names, *extra, "error"])
+        for r in sorted(rows, key=lambda r: r.name):
             values = [r.params.get(n, "") for n in names] + [r.metrics.get(k, "") for k in extra]
-            out.writerow([r.trial_id, r.status, r.epochs, r.metric, *values, r.error])
+            out.writerow([r.name, r.trial_id, r.status, r.epochs, r.metric, *values, r.error])
 
 
 def write_best_config(path: Path, base: dict[str, Any], best: TrialRow, metric: str) -> None:
@@ -95,7 +99,7 @@ def write_best_config(path: Path, base: dict[str, Any], best: TrialRow, metric: 
     (a fresh run name, so it never resumes a trial)."""
     values = apply_params(base, {**best.params, "logging.name": ""})
     cfg = from_dict(values)  # the same checks as `raysegbg train`
-    header = f"# best trial {best.trial_id} ({best.status}, {best.epochs} epochs): {metric} "
+    header = f"# best trial {best.name} ({best.status}, {best.epochs} epochs): {metric} "
     path.write_text(f"{header}{best.metric:.4f}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -143,19 +147,40 @@ def _plot_param(ax: Any, rows: list[TrialRow], param: Any) -> None:
     ax.set_xlabel(param.name)
 
 
-def write_hparams(root: Path, rows: list[TrialRow]) -> None:
-    """One HParams session per trial (sampled values vs final metrics), rewritten each time
-    the search ends so a resumed search has exactly one per trial."""
-    from raysegbg.tb import RunWriter
+def write_hparams(
+    search_dir: Path, rows: list[TrialRow], base: dict[str, Any], metric: str
+) -> None:
+    """One HParams session per trial in its run's `tb/`, rewritten each time the search ends
+    (so a resumed search has exactly one per trial): the trial's compared settings (its
+    method's only), searched values and status against its final metrics, the searched one
+    first. `hparams/` declares the columns of them all."""
+    from raysegbg.tb import clear_sessions, write_experiment, write_session
 
-    shutil.rmtree(root, ignore_errors=True)
+    sessions: list[dict[str, Any]] = []
+    tags: dict[str, None] = {}
     for r in rows:
-        finals = {k: r.metrics[k] for k in FINAL_KEYS if math.isfinite(r.metrics.get(k, math.nan))}
-        metrics = {f"hparams/{k.split('/')[-1]}": v for k, v in finals.items()}
-        metrics["hparams/epochs"] = float(r.epochs)
-        writer = RunWriter(root / r.trial_id)
-        writer.hparams({**r.params, "status": r.status}, metrics)
-        writer.close()
+        hparams, metrics = trial_session(r, base, metric)
+        tb = search_dir / r.name / "tb"
+        clear_sessions(tb)
+        write_session(tb, hparams, metrics, experiment=False)
+        sessions.append(hparams)
+        tags.update(dict.fromkeys(metrics))
+    shutil.rmtree(search_dir / HPARAMS_DIR, ignore_errors=True)
+    if sessions:
+        write_experiment(search_dir / HPARAMS_DIR, sessions, list(tags))
+
+
+def trial_session(
+    row: TrialRow, base: dict[str, Any], metric: str
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """A trial's HParams session: (hyperparameters, metrics)."""
+    cfg = to_dict(from_dict(apply_params(base, row.params)))
+    hparams = run_hparams(cfg)
+    hparams.update({k: hparam_value(v) for k, v in row.params.items()})
+    hparams["status"] = row.status
+    metrics = final_metrics(row.metrics, [metric, cfg["logging"]["score"]])
+    metrics[metric_tag("epochs")] = float(row.epochs)
+    return hparams, metrics
 
 
 def _param_names(rows: list[TrialRow]) -> list[str]:
