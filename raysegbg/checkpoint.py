@@ -7,6 +7,7 @@ private bookkeeping.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pickle
@@ -71,7 +72,25 @@ def load_state(directory: Location, map_location: str | torch.device = "cpu") ->
     shared = Path(directory) / SHARED_DIR
     if shared.is_dir():
         state["shared"] = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
+        for name, data in state["shared"].items():
+            if not _whole(name, data):
+                raise UnreadableCheckpoint(f"{shared / name} is truncated or corrupt")
     return state
+
+
+def _whole(name: str, data: bytes) -> bool:
+    """Whether a shared-state file is complete. Ray copies a checkpoint into its run folder in
+    place, so a worker killed meanwhile can leave any file of it cut short."""
+    if name.endswith(".parquet"):  # the magic bytes open and close a Parquet file
+        return len(data) >= 8 and data[:4] == data[-4:] == b"PAR1"
+    if name.endswith(".npz"):
+        return zipfile.is_zipfile(io.BytesIO(data))
+    if name.endswith(".json"):
+        try:
+            json.loads(data)
+        except ValueError:
+            return False
+    return True
 
 
 def _load_tensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:

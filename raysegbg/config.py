@@ -127,6 +127,11 @@ class ScalingConfig:
     workers: int = param(2, "Ray Train workers (DDP ranks)")
     use_gpu: bool = param(False, "one GPU per worker (DDP over NCCL)")
     cpus_per_worker: int = param(0, "CPUs (and torch threads) per worker; 0: the node's, shared")
+    min_workers: int = param(
+        0,
+        "elastic: after losing nodes, go on (from the last checkpoint) with as few as this many "
+        "workers, growing back to `workers` when nodes return; 0: always `workers`",
+    )
 
 
 @dataclass(frozen=True)
@@ -372,6 +377,7 @@ AT_LEAST: tuple[tuple[str, int | float, str], ...] = (
     ("train.patience", 0, " (0: off)"),
     ("scaling.workers", 1, ""),
     ("scaling.cpus_per_worker", 0, " (0: the node's CPUs shared evenly)"),
+    ("scaling.min_workers", 0, " (0: a fixed number of workers)"),
     ("logging.image_every", 1, ""),
     ("logging.num_images", 0, ""),
     ("logging.max_failures", -1, " (-1: retry forever)"),
@@ -411,12 +417,28 @@ def validate(cfg: Config) -> None:
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
             f"workers ({cfg.scaling.workers}): change one of them",
         ),
+        (
+            cfg.scaling.min_workers <= cfg.scaling.workers,
+            f"scaling.min_workers ({cfg.scaling.min_workers}) is above scaling.workers "
+            f"({cfg.scaling.workers}): use at most as many",
+        ),
+        (
+            all(cfg.train.batch_size % n == 0 for n in _elastic_sizes(cfg.scaling)),
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by every number of "
+            f"workers an elastic run may use (scaling.min_workers {cfg.scaling.min_workers} to "
+            f"scaling.workers {cfg.scaling.workers}): change one of them",
+        ),
     ]
     for ok, message in checks:
         check(ok, message)
     check_score(cfg.logging.score)
     if cfg.logging.name:  # empty: a name is made up when the run starts
         check_name("logging.name", cfg.logging.name)
+
+
+def _elastic_sizes(scaling: ScalingConfig) -> range:
+    """The worker counts a run may train with (one, unless `min_workers` makes it elastic)."""
+    return range(scaling.min_workers or scaling.workers, scaling.workers + 1)
 
 
 def check_score(score: str, classes: tuple[str, ...] | None = None) -> None:

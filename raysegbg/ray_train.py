@@ -241,7 +241,9 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
         _worker_entry,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cpus}
+            num_workers=_num_workers(cfg),
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cpus},
         ),
         run_config=ray.train.RunConfig(
             name=cfg.logging.name,
@@ -265,6 +267,15 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
     finally:
         if needs_state:
             state_actor.destroy(cfg.logging.name)
+
+
+def _num_workers(cfg: Config) -> int | tuple[int, int]:
+    """Ray Train's worker count: `workers`, or with `min_workers` the elastic (min, max) range.
+
+    A fixed group that loses a node waits (retrying every 60 s) until a node with room comes
+    back; an elastic one restarts from the last checkpoint on the workers that fit."""
+    low, high = cfg.scaling.min_workers, cfg.scaling.workers
+    return (low, high) if 0 < low < high else high
 
 
 def save_run_config(cfg: Config, run_dir: Location) -> None:

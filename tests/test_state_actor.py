@@ -1,6 +1,7 @@
 """The shared-state actor on a real local Ray: snapshots, crash and restart, checkpoints."""
 
 import io
+import json
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from raysegbg.state import actor as state_actor
 from raysegbg.state.client import StateClient
 from raysegbg.state.memory import ClassMemory
+from raysegbg.state.store import PseudoLabelStore
 from tests.test_state_store import make_labels
 
 pytestmark = pytest.mark.slow
@@ -77,8 +79,15 @@ def test_actor_crash_mid_run(ray_local, tmp_path):
     assert int(snap["version"]) == int(holder.memory.version) == 40
     np.testing.assert_array_equal(snap["memory"], holder.memory.memory.numpy())
     got = client.get_labels(ids[:10] + ids[-10:])
-    for (mask, _conf, step), k in zip(got, list(range(10)) + list(range(990, 1000)), strict=True):
+    for (mask, conf, step), k in zip(got, list(range(10)) + list(range(990, 1000)), strict=True):
         assert mask.tobytes() == masks[k].tobytes() and step == 0
+        assert (conf is None) == (confs[k] is None)
+        assert conf is None or conf.tobytes() == confs[k].tobytes()
+    # and what a second crash would restore from is current again: the steps after the crash
+    # are on disk, not only in the restarted actor
+    latest = tmp_path / "state" / "latest"
+    assert json.loads((latest / "memories.json").read_text()) == {"memory": 40}
+    assert len(PseudoLabelStore.load(latest)) == 1000
     state_actor.destroy("crash-test")
 
 

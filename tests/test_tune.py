@@ -2,10 +2,11 @@
 resumed, with its TensorBoard, reports and best config checked afterwards.
 
 One search serves every test (trials cost ~25 s each on 2 CPUs): 3 trials one at a time,
-interrupted (the stop signal Ctrl+C sends) when the first trial ends, then resumed with
-`--resume`. With the seeded sampler the second trial is stopped by ASHA at epoch 1 and the
-third starts after it, so a placement group leaked by a stopped trial would show up as an
-error (Train gives up waiting for workers after 60 s) instead of passing.
+interrupted with SIGTERM when the first trial ends (`kill`'s signal, which raysegbg turns into
+Tune's own stop, the one Ctrl+C sends), then resumed with `--resume`. With the seeded sampler
+the second trial is stopped by ASHA at epoch 1 and the third starts after it, so a placement
+group leaked by a stopped trial would show up as an error (Train gives up waiting for workers
+after 60 s) instead of passing.
 
 What a user reads is checked on the same search: the trials' names, Ray's status table (the
 console, captured), the event files, and TensorBoard's HParams table through the HTTP API a
@@ -48,8 +49,8 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's (`apt-get install chromium`)
 
 
 class InterruptOnce(ray.tune.Callback):
-    """Sends Tune the stop signal when a trial first ends. Once only: a resumed search
-    restores its callbacks, this one included."""
+    """Sends the driver SIGTERM when a trial first ends. Once only: a resumed search restores
+    its callbacks, this one included."""
 
     def __init__(self, flag: Path):
         self.flag = flag
@@ -57,7 +58,7 @@ class InterruptOnce(ray.tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if not self.flag.exists():
             self.flag.touch()
-            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's handler: save state, stop
+            os.kill(os.getpid(), signal.SIGTERM)  # as Ctrl+C: Tune saves its state, stops
 
 
 @pytest.fixture(scope="module")

@@ -193,6 +193,13 @@ CASES: list = [
      "--workers 0 is out of range: use an integer >= 1"),
     ("batch-not-divisible", lambda e: e.train("--set", "train.batch_size=8", "--workers", "3"),
      "train.batch_size (8) must be divisible by the number of workers (3): change one"),
+    ("min-workers-above", lambda e: e.train("--set", "scaling.min_workers=3", "--workers", "2"),
+     "scaling.min_workers (3) is above scaling.workers (2): use at most as many"),
+    ("elastic-batch-not-divisible",
+     lambda e: e.train("--set", "train.batch_size=4", "--set", "scaling.workers=4",
+                       "--set", "scaling.min_workers=3"),
+     "train.batch_size (4) must be divisible by every number of workers an elastic run may "
+     "use (scaling.min_workers 3 to scaling.workers 4)"),
     ("lr-nan", lambda e: e.train("--set", "optim.lr=.nan"),
      "config key 'optim.lr' is nan: use a finite number"),
     ("lr-inf", lambda e: e.train("--set", "optim.lr=inf"),
