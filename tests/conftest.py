@@ -12,6 +12,12 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # Train V2 polls its workers every 2 s by default and a report waits for the next poll, which
 # stretches every tiny run on the session's Ray (test_jobs and test_multinode set it too)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two pytest workers share the cores: one torch thread each in the pytest processes (Ray
+    # Train workers set their own count), or OpenMP's spinning threads oversubscribe the CPU
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
