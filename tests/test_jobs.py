@@ -11,10 +11,12 @@ import argparse
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -106,10 +108,10 @@ def _head_env(auth: dict[str, str], gcs_port: int) -> dict[str, str]:
     )
 
 
-def _head_args(tmp: Path, ports: dict[str, int]) -> list[str]:
+def _head_args(temp_dir: str, ports: dict[str, int]) -> list[str]:
     args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
     args += ["--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
-    return args + ["--temp-dir", str(tmp / "ray")] + [str(x) for kv in ports.items() for x in kv]
+    return args + ["--temp-dir", temp_dir] + [str(x) for kv in ports.items() for x in kv]
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +131,12 @@ def ray_head(tmp_path_factory):
         "--max-worker-port": low + 199,
     }
     log = tmp / "head.log"
+    temp_dir = tempfile.mkdtemp(prefix="rsj-", dir="/tmp")
     with log.open("w") as out:
         head = subprocess.Popen(
-            _head_args(tmp, ports),
+            # a short folder: Ray's socket paths under it must fit in 107 bytes (pytest-xdist
+            # tmp paths do not)
+            _head_args(temp_dir, ports),
             env=_head_env(auth, ports["--port"]),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -143,6 +148,7 @@ def ray_head(tmp_path_factory):
         yield url, _clean_env(**auth)
     finally:
         _stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit_train(url: str, env: dict[str, str], overrides: list[str], *opts: str):

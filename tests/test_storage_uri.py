@@ -3,6 +3,7 @@ folder, and one tiny Ray Train run with `logging.storage_path=s3://...` end to e
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 from pathlib import Path
@@ -129,6 +130,9 @@ def test_checkpoints_found_and_loaded_from_object_store(s3_options, tmp_path):
         save_shared,
     )
 
+    buffer = io.BytesIO()
+    np.savez(buffer, memory=np.ones(3))  # a whole file: a cut one makes the checkpoint unreadable
+    npz = buffer.getvalue()
     local = tmp_path / "run"
     for epoch, miou in ((1, 0.5), (2, 0.4)):
         folder = save_checkpoint(
@@ -136,7 +140,7 @@ def test_checkpoints_found_and_loaded_from_object_store(s3_options, tmp_path):
             {"method": {"w": torch.full((2,), float(epoch))}},
             {"epoch": epoch, "metrics": {"val/miou": miou}},
         )
-        save_shared(folder, {"memory.npz": b"raw"})
+        save_shared(folder, {"memory.npz": npz})
     run = storage.location(f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}?{s3_options}")
     storage.upload_dir(local, run)
 
@@ -145,7 +149,7 @@ def test_checkpoints_found_and_loaded_from_object_store(s3_options, tmp_path):
     assert best == run / "epoch_0001" and last == run / "epoch_0002"
     state = load_state(best)
     assert torch.equal(state["method"]["w"], torch.ones(2))
-    assert state["shared"] == {"memory.npz": b"raw"}
+    assert state["shared"] == {"memory.npz": npz}
 
 
 def test_tensorboard_goes_up_at_sync_and_close(s3_options, tmp_path):
