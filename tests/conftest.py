@@ -63,6 +63,7 @@ def ray_local():
 OWN_CLUSTERS = {"tests.test_jobs", "tests.test_multinode"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marker into a group
 def pytest_collection_modifyitems(config, items):
     """Under `pytest -n 2 --dist loadgroup` (make test) every test that runs on Ray goes to
     one worker, in file order, as in a serial run: one Ray at a time on the machine, while the
@@ -70,3 +71,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_local" in item.fixturenames or item.module.__name__ in OWN_CLUSTERS:
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_configure(config):
+    """Refuse to run with the grouping silently off (pytest 9.2 with pytest-xdist 3.8 drops it:
+    pytest-xdist#1386): two Ray clusters at once on 2 cores and every module fixture twice."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or config.getoption("dist", "no") != "loadgroup":
+        return
+    from importlib.metadata import version
+
+    def release(pkg):
+        return tuple(int(p) for p in version(pkg).split(".")[:2] if p.isdigit())
+
+    if release("pytest") >= (9, 2) and release("pytest-xdist") <= (3, 8):
+        raise pytest.UsageError(
+            "pytest 9.2 breaks pytest-xdist's --dist loadgroup (pytest-xdist#1386): "
+            "pip install -e '.[dev]' (pins pytest<9.2) or run with TEST_WORKERS=0"
+        )
