@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from raysegbg import failures
+
+    failures.EXIT_IF_LOCAL_HEAD_DIES = True  # a command's own Ray dies: one line, at once
     try:
         return args.func(args)
     except RaysegbgError as exc:

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from raysegbg import storage
+from raysegbg import failures, storage
 from raysegbg.config import Config, from_dict, replace, save_config, to_dict
 from raysegbg.environment import write_environment
 from raysegbg.errors import RaysegbgError
@@ -117,6 +117,7 @@ def init_ray(address: str | None = None) -> None:
         address="local", include_dashboard=True, dashboard_host="127.0.0.1",
         dashboard_port=port, **kwargs,
     )  # fmt: skip
+    failures.watch_local_head()
 
 
 def _free_port() -> int:
@@ -196,9 +197,15 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
     preflight(cfg, address)
     init_ray(address)
     start = time.perf_counter()
-    result = run_trainer(cfg)
-    if result.error:
-        raise result.error
+    try:
+        result = run_trainer(cfg)
+        if result.error:
+            raise result.error
+    except Exception as exc:  # a known cause (memory pressure) in one line, else as Ray gave it
+        known = failures.explain(exc, f"run {cfg.logging.name!r}")
+        if known is None:
+            raise
+        raise known from exc
     best = result.get_best_checkpoint(cfg.logging.score, "max") if result.best_checkpoints else None
     run_dir = storage.join(cfg.logging.storage_path, cfg.logging.name)
     if best and storage.is_uri(run_dir):  # Ray gives the path on the store, without the scheme

@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from raysegbg import storage
+from raysegbg import failures, storage
 from raysegbg.config import Config, check_name, from_dict, load_config, replace, to_dict
 from raysegbg.errors import RaysegbgError
 from raysegbg.ray_train import init_ray, preflight, resolve_run, run_trainer
@@ -438,7 +438,10 @@ def _row(result: Any, trials: dict[str, Any], metric: str, epochs: int) -> Trial
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     epoch = int(metrics.get("epoch", 0))
     status = {"ERROR": "error", "TERMINATED": "finished" if epoch >= epochs else "stopped"}
-    error = str(result.error).strip().splitlines()[-1][:200] if result.error else ""
+    error = ""
+    if result.error:  # a known cause (memory pressure) in one line, else the error's last line
+        known = failures.explain(result.error, "trial")
+        error = str(known) if known else str(result.error).strip().splitlines()[-1][:200]
     return TrialRow(
         name, getattr(trial, "trial_id", ""), dict(result.config or {}),
         float(metrics.get(metric, float("nan"))), epoch,
