@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -26,7 +27,8 @@ PACKAGES = {  # key in the record -> distribution name
     "smp": "segmentation-models-pytorch",
     "raysegbg": "raysegbg",
 }
-VOLATILE = ("started", "earlier")  # what may differ between two starts of one environment
+# what may differ between two starts of one environment
+VOLATILE = ("started", "earlier", "ray_address")
 
 
 def environment() -> dict[str, Any]:
@@ -39,7 +41,16 @@ def environment() -> dict[str, Any]:
     record["platform"] = platform.platform()
     record["git"] = git_state(Path(__file__).resolve().parent.parent)
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record["ray_address"] = _ray_address()
     return record
+
+
+def _ray_address() -> str | None:
+    """The GCS address of the Ray this process is connected to (which cluster ran the run)."""
+    ray = sys.modules.get("ray")  # never imports Ray
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().gcs_address
 
 
 def _version(dist: str) -> str | None:

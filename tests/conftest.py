@@ -60,7 +60,12 @@ def ray_local():
 
 
 # Modules that start Ray clusters of their own (a head on 127.0.0.1, two nodes)
-OWN_CLUSTERS = {"tests.test_jobs", "tests.test_multinode", "tests.reliability.test_memory"}
+OWN_CLUSTERS = {
+    "tests.test_jobs",
+    "tests.test_multinode",
+    "tests.reliability.test_memory",
+    "tests.reliability.test_load",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marker into a group
