@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     from raysegbg.config_reference import add_config_commands
 
     add_config_commands(sub)
+    from raysegbg.state.commands import add_state_commands
+
+    add_state_commands(sub)
     return parser
 
 
