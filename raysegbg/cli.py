@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        again = " (the same command again resumes it)" if args.func is _train else ""
+        print(f"interrupted{again}", file=sys.stderr)
         return 130
 
 

@@ -5,12 +5,16 @@ The only training module that imports Ray, so a Ray API change touches this file
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -198,7 +202,8 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
     init_ray(address)
     start = time.perf_counter()
     try:
-        result = run_trainer(cfg)
+        with _sigterm_as_ctrl_c():
+            result = run_trainer(cfg)
         if result.error:
             raise result.error
     except Exception as exc:  # a known cause (memory pressure) in one line, else as Ray gave it
@@ -218,6 +223,25 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
         best_checkpoint=best_path,
         seconds=time.perf_counter() - start,
     )
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler) stops the run as Ctrl+C does (KeyboardInterrupt): Ray's
+    handler, installed by `ray.init`, would abort the driver (exit -6, a C++ stack dump). The
+    checkpoints already written stay; the same command resumes. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt) or signal.SIG_DFL
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:

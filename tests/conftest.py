@@ -65,6 +65,7 @@ OWN_CLUSTERS = {
     "tests.test_multinode",
     "tests.reliability.test_memory",
     "tests.reliability.test_load",
+    "tests.reliability.test_cli_signals",
 }
 
 
