@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     from raysegbg.state.commands import add_state_commands
 
     add_state_commands(sub)
+    from raysegbg.compare import add_compare_command
+
+    add_compare_command(sub)
     return parser
 
 

@@ -160,25 +160,28 @@ def _diff(d: Paired | None) -> str:
 def write_report(lines: list[dict[str, object]], folder: Path, metric: str = "miou") -> None:
     """`compare.md` (a table a person reads) and `compare.csv` (one row per method)."""
     folder.mkdir(parents=True, exist_ok=True)
-    head = ["method", "seeds", *METRICS, f"{metric} vs baseline", "verdict",
+    head = ["method", "trained from", "seeds", *METRICS, f"{metric} vs baseline", "verdict",
             f"{metric} vs control", "mechanism"]  # fmt: skip
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     with (folder / "compare.csv.tmp").open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["method", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+        out.writerow(["method", "supervision", "seeds",
+                      *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
                       "diff_baseline", "ci_low", "ci_high", "p_t", "p_sign", "verdict",
                       "diff_control", "control_ci_low", "control_ci_high", "control_p_t",
                       "mechanism"])  # fmt: skip
         for line in lines:
             base, ctrl = line.get("vs_baseline"), line.get("vs_control")
             cells = [f"{100 * line[m][0]:.2f} ± {100 * line[m][1]:.2f}" for m in METRICS]
-            md.append("| " + " | ".join([str(line["method"]), str(line["seeds"]), *cells,
+            md.append("| " + " | ".join([str(line["method"]), str(line.get("supervision", "masks")),
+                      str(line["seeds"]), *cells,
                       _diff(base), str(line.get("verdict", "-")), _diff(ctrl),
                       str(line.get("mechanism", "-"))]) + " |")  # fmt: skip
             stats = [v for m in METRICS for v in line[m]]
             b = [base.mean, base.low, base.high, base.p_t, base.p_sign] if base else [""] * 5
             c = [ctrl.mean, ctrl.low, ctrl.high, ctrl.p_t] if ctrl else [""] * 4
-            out.writerow([line["method"], line["seeds"], *stats, *b, line.get("verdict", ""),
+            out.writerow([line["method"], line.get("supervision", "masks"), line["seeds"], *stats,
+                          *b, line.get("verdict", ""),
                           *c, line.get("mechanism", "")])  # fmt: skip
     (folder / "compare.csv.tmp").replace(folder / "compare.csv")
     (folder / "compare.md.tmp").write_text("\n".join(md) + "\n")

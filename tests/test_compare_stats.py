@@ -67,7 +67,9 @@ def test_summary_verdicts_and_report(tmp_path):
     assert lines["good"]["miou"][0] == pytest.approx(0.65, abs=1e-3)
     write_report(list(lines.values()), tmp_path)
     table = (tmp_path / "compare.md").read_text()
-    assert "| good | 3 |" in table and "mechanism matters" in table and "p_sign=0.250" in table
+    assert (
+        "| good | masks | 3 |" in table and "mechanism matters" in table and "p_sign=0.250" in table
+    )
     with (tmp_path / "compare.csv").open() as f:
         read = {r["method"]: r for r in csv.DictReader(f)}
     assert read["good"]["verdict"] == "helps" and float(read["good"]["diff_baseline"]) > 0.04

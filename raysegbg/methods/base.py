@@ -88,6 +88,10 @@ class Method(nn.Module):
 
     Params: ClassVar[type | None] = None
     needs_shared_state: ClassVar[bool] = False  # memories / pseudo-labels in the state actor
+    # its mechanism-off control (`raysegbg compare`): the method's own settings that switch the
+    # mechanism off and leave the architecture; empty: no control (the baseline)
+    control: ClassVar[dict[str, object]] = {}
+    supervision: ClassVar[str] = "masks"  # what it trains from, shown in comparisons
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__()

@@ -73,6 +73,7 @@ def distance_from_foreground(masks: torch.Tensor, limit: int) -> torch.Tensor:
 
 class Colab(Method):
     Params = ColabParams
+    control = {"meta_update": False}  # a frozen random task generator
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)

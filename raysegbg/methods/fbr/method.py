@@ -118,6 +118,8 @@ def class_logits(scores: torch.Tensor, top: float) -> torch.Tensor:
 class Fbr(Method):
     Params = FbrParams
     needs_shared_state = True  # the pseudo-label store
+    control = {"nroi_weight": 0.0, "intra_weight": 0.0}  # CAMs without the contrasts
+    supervision = "image-level labels"
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)

@@ -77,6 +77,7 @@ class MemoryReader(nn.Module):
 class Mcibi(Method):
     Params = McibiParams
     needs_shared_state = True
+    control = {"update": False}  # the memory frozen at its initial value
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)

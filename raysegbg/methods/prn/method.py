@@ -76,6 +76,7 @@ class PrnStage(Stage):
 class Prn(Method):
     Params = PrnParams
     needs_shared_state = True  # the pseudo-label store
+    control = {"pseudo_weight": 0.0, "gt_weight": 1.0}  # refiner from the ground truth only
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)

@@ -53,6 +53,8 @@ SHOWN = 4  # unlabeled images in the TensorBoard rows
 class Rrn(Method):
     Params = RrnParams
     needs_shared_state = True  # the pseudo-label store
+    control = {"threshold": 0.0, "correction": False}  # cross pseudo supervision, unfiltered
+    supervision = "masks of a labeled share (method.rrn.labeled_fraction)"
 
     def __init__(self, cfg: Config, num_classes: int, in_channels: int, ignore_index: int):
         super().__init__(cfg, num_classes, in_channels, ignore_index)

@@ -1,0 +1,232 @@
+"""`raysegbg compare`: which background method helps this dataset, and is it the mechanism?
+
+Every method runs at every seed, and so does its mechanism-off control (the settings the
+method declares in `Method.control`), all with the same architecture, budget and augmentation,
+as parallel trials on Ray (a Tune grid over the cells). Each run keeps its best checkpoint by
+`logging.score` on the validation split; when all have finished, each final run is scored once
+on the test split, and `raysegbg.compare_stats` pairs them by seed against the baseline and
+against their control. Re-running the same command resumes: a finished cell is not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raysegbg.compare_stats import BASELINE, METRICS, Row, summarize, write_report
+from raysegbg.config import Config, load_config, to_dict
+from raysegbg.errors import RaysegbgError
+from raysegbg.registry import method_class
+
+CONTROL = "control"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the comparison: a method (or its control) at a seed."""
+
+    method: str
+    variant: str  # "method" or CONTROL
+    seed: int
+
+    @property
+    def name(self) -> str:
+        label = self.method if self.variant == "method" else f"{self.method}-{CONTROL}"
+        # a plug-in's name (pkg.module:Class) becomes a folder name
+        return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', label)}-seed{self.seed}"
+
+
+@dataclass
+class CompareOptions:
+    data: str
+    methods: list[str] = field(default_factory=lambda: [BASELINE, "colab", "prn", "mcibi"])
+    seeds: int = 3
+    budget: int = 0  # epochs; 0: the config's train.epochs
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    address: str | None = None
+    name: str = "compare"
+    max_concurrent: int = 0
+
+
+def cells(opts: CompareOptions) -> list[Cell]:
+    out = []
+    for method in opts.methods:
+        variants = ["method"] + ([CONTROL] if method_class(method).control else [])
+        out += [Cell(method, v, seed) for v in variants for seed in range(opts.seeds)]
+    return out
+
+
+def _value(v: object) -> str:
+    return json.dumps(v) if isinstance(v, bool) else str(v)
+
+
+def cell_config(opts: CompareOptions, cell: Cell, folder: str) -> Config:
+    """The run config of a cell: the user's config, the data, the method (its control's
+    settings for a control), the seed and the budget; the run named after the cell."""
+    values = [*opts.overrides, f"data.path={opts.data}", f"method.name={cell.method}",
+              f"train.seed={cell.seed}", f"logging.storage_path={folder}",
+              f"logging.name={cell.name}"]  # fmt: skip
+    if opts.budget:
+        values.append(f"train.epochs={opts.budget}")
+    if cell.variant == CONTROL:
+        values += [f"method.{cell.method}.{k}={_value(v)}"
+                   for k, v in method_class(cell.method).control.items()]  # fmt: skip
+    return load_config(opts.config, values)
+
+
+def check_options(opts: CompareOptions) -> None:
+    if BASELINE not in opts.methods:
+        raise RaysegbgError(f"--methods {','.join(opts.methods)}: include {BASELINE}, the "
+                            "reference every method is paired with")  # fmt: skip
+    if len(set(opts.methods)) != len(opts.methods):
+        raise RaysegbgError(f"--methods {','.join(opts.methods)} lists a method twice")
+    if opts.seeds < 2:
+        raise RaysegbgError(
+            f"--seeds {opts.seeds}: a paired comparison needs at least 2 seeds (3 or more for "
+            "an interval worth reading)"
+        )
+    if opts.budget < 0:
+        raise RaysegbgError(f"--budget {opts.budget}: use a number of epochs >= 1 (0: config's)")
+
+
+def finished(cfg: Config) -> bool:
+    """The run reached its last epoch (a resumed comparison does not train it again)."""
+    last = Path(cfg.logging.storage_path) / cfg.logging.name / f"epoch_{cfg.train.epochs:04d}"
+    return (last / "meta.json").is_file()
+
+
+def run_compare(opts: CompareOptions, log=print) -> Path:
+    """Train every cell (the missing ones), score the final runs on the test split once,
+    write compare.md, compare.csv and compare.png. Returns the comparison's folder."""
+    from raysegbg.ray_train import init_ray, preflight
+
+    check_options(opts)
+    base = load_config(opts.config, opts.overrides)
+    folder = Path(base.logging.storage_path).resolve() / opts.name
+    configs = {c: cell_config(opts, c, str(folder)) for c in cells(opts)}
+    for cfg in configs.values():  # every cell's input checked before Ray starts
+        preflight(cfg, opts.address)
+    todo = {c: cfg for c, cfg in configs.items() if not finished(cfg)}
+    log(f"compare {opts.name}: {len(configs)} runs ({len(configs) - len(todo)} already done) "
+        f"in {folder}")  # fmt: skip
+    if todo:
+        init_ray(opts.address)
+        _train_cells(todo, opts.max_concurrent, folder)
+    missing = [c.name for c, cfg in configs.items() if not finished(cfg)]
+    if missing:
+        raise RaysegbgError(
+            f"{len(missing)} run(s) did not finish ({', '.join(missing[:3])}): see their logs "
+            f"under {folder}, then run the same command again to resume"
+        )
+    return report(configs, folder, base.logging.score, log)
+
+
+def _train_cells(todo: dict[Cell, Config], max_concurrent: int, folder: Path) -> None:
+    import ray.tune
+
+    from raysegbg.tune import DRIVER_RESOURCES, plan_resources
+
+    by_name = {c.name: to_dict(cfg) for c, cfg in todo.items()}
+    first = next(iter(by_name.values()))
+    _, concurrent = plan_resources(first, max_concurrent, len(by_name))
+    driver = ray.tune.with_parameters(_cell_driver, configs=by_name)
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(driver, DRIVER_RESOURCES),
+        param_space={"cell": ray.tune.grid_search(sorted(by_name))},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent),
+        run_config=ray.tune.RunConfig(name="_trials", storage_path=str(folder), verbose=1),
+    )
+    tuner.fit()
+
+
+def _cell_driver(params: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
+    from raysegbg.config import from_dict
+    from raysegbg.ray_train import run_trainer
+
+    cfg = from_dict(configs[params["cell"]])
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "1"  # short epochs are not stretched
+    result = run_trainer(cfg)
+    if result.error:
+        raise result.error
+
+
+def report(configs: dict[Cell, Config], folder: Path, score: str, log=print) -> Path:
+    """Score each final run on the test split (read once here, by these runs only; each
+    run's checkpoint was chosen by `score` on validation) and write the report."""
+    from raysegbg.inference import evaluate_run
+
+    rows = []
+    for cell, cfg in configs.items():
+        metrics = evaluate_run(Path(cfg.logging.storage_path) / cfg.logging.name, "test", "best")
+        rows.append(Row(cell.method, cell.variant, cell.seed, {m: metrics[m] for m in METRICS}))
+    lines = summarize(rows)
+    for line in lines:
+        line["supervision"] = method_class(str(line["method"])).supervision
+    write_report(lines, folder)
+    _chart(lines, folder / "compare.png")
+    text = (folder / "compare.md").read_text()
+    seeds = max(c.seed for c in configs) + 1
+    note = (f"\ntest split, read once by each final run; checkpoints chosen by {score} on the "
+            f"validation split; {seeds} seeds, paired by seed; differences in mIoU points with "
+            "a 95 % t interval")  # fmt: skip
+    log(text + note)
+    (folder / "compare.md").write_text(text + note + "\n")
+    return folder
+
+
+def _chart(lines: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(lines) + 2, 3.5))
+    names = [str(line["method"]) for line in lines]
+    means = [100 * line["miou"][0] for line in lines]
+    errors = [100 * line["miou"][1] for line in lines]
+    ax.bar(names, means, yerr=errors, capsize=4, color="#4c72b0")
+    ax.set_ylabel("test mIoU (mean ± std over seeds)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# -- command line -------------------------------------------------------------------------------
+def add_compare_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("compare", help="every method and its control, over seeds")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--methods", default="baseline,colab,prn,mcibi",
+                   help="comma-separated; must include baseline")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--budget", type=int, default=0, help="epochs per run (0: the config's)")
+    p.add_argument("--config", help="base config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", help="a Ray cluster to join (default: a private local Ray)")
+    p.add_argument("--name", default="compare", help="folder under logging.storage_path")
+    p.add_argument("--max-concurrent", type=int, default=0)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from raysegbg.config import check_name
+
+    check_name("--name", args.name)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        method_class(m)  # an unknown method: one line, before anything else
+    opts = CompareOptions(
+        data=args.data, methods=methods, seeds=args.seeds, budget=args.budget,
+        config=args.config, overrides=args.set, address=args.address, name=args.name,
+        max_concurrent=args.max_concurrent,
+    )  # fmt: skip
+    run_compare(opts, log=lambda line: print(line, file=sys.stdout, flush=True))
+    return 0
