@@ -67,7 +67,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"--json {args.json}: folder {Path(args.json).parent} does not exist: create it "
             "or write the file elsewhere"
         )
-    result = evaluate(location(args.run), args.split, args.checkpoint)
+    result = evaluate(location(args.run), args.split, args.checkpoint, args.set)
     print("\n".join(result.lines(f"{args.split} split, {args.checkpoint} checkpoint")))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
@@ -80,7 +80,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     flags = {"probs": args.probs, "overlay": args.overlay, "tta": args.tta}
-    count = predict_folder(location(args.run), Path(args.input), out, args.overwrite, **flags)
+    count = predict_folder(
+        location(args.run), Path(args.input), out, args.overwrite, **flags, overrides=args.set
+    )
     extra = [f"{out / kind}/" for kind in ("probs", "overlay") if flags[kind]]
     also = f" (and {', '.join(extra)})" if extra else ""
     print(f"wrote {count} masks to {out}{also}{', flip TTA' if args.tta else ''}")
@@ -95,6 +97,17 @@ def _export(args: argparse.Namespace) -> int:
     sidecar = export_run(location(args.run), args.format, out, args.checkpoint, args.overwrite)
     print(f"wrote {out} ({args.format}) and {sidecar} (classes, channels, normalisation)")
     return 0
+
+
+def _add_inference_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change an inference.* key for this command (sliding windows), e.g. --set "
+        "inference.overlap=0.5 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", help="also write the metrics, per-class metrics and confusion matrix here"
     )
+    _add_inference_set(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="write PNG masks for a folder of images")
@@ -151,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", action="store_true", help="average with the prediction of the mirrored image"
     )
+    _add_inference_set(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="write a run's model as ONNX, TorchScript or a state dict")

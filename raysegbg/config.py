@@ -27,6 +27,23 @@ def param(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+# (key, lowest, highest or None) of each data.* augmentation strength; 0 turns it off
+AUGMENT_RANGES: tuple[tuple[str, float, float | None], ...] = (
+    ("rotate", 0, 180),
+    ("affine_scale", 0, 1),
+    ("shear", 0, 45),
+    ("translate", 0, 0.5),
+    ("elastic", 0, None),
+    ("elastic_smoothness", 1, None),
+    ("intensity_scale", 0, 1),
+    ("intensity_shift", 0, 1),
+    ("gamma", 0, 2),
+    ("brightness", 0, 1),
+    ("contrast", 0, 1),
+    ("saturation", 0, 1),
+)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the Parquet dataset lives and how training samples are augmented."""
@@ -35,13 +52,55 @@ class DataConfig:
     crop_size: int = param(
         64, "training crop in pixels (smaller images padded with ignore); 0: full image"
     )
-    augment: bool = param(True, "random rescaling and flips of training samples (false: crop only)")
+    augment: bool = param(
+        True, "random rescaling, flips and the other augmentations below (false: crop only)"
+    )
     hflip: bool = param(True, "with augment: random horizontal flips")
     vflip: bool = param(False, "with augment: random vertical flips")
     scale_min: float = param(0.8, "with augment: smallest random rescale factor")
     scale_max: float = param(1.25, "with augment: largest random rescale factor")
+    rotate: float = param(0.0, "with augment: random rotation by up to ± this many degrees")
+    affine_scale: float = param(
+        0.0, "with augment: random zoom by a factor in [1/(1+x), 1+x], size kept (unlike scale_*)"
+    )
+    shear: float = param(0.0, "with augment: random shear along each axis by up to ± degrees")
+    translate: float = param(
+        0.0, "with augment: random shift by up to ± this fraction of the width and height"
+    )
+    elastic: float = param(
+        0.0, "with augment: elastic deformation, the largest random displacement in pixels"
+    )
+    elastic_smoothness: float = param(
+        16.0, "with elastic: pixels between the field's random control points (larger: smoother)"
+    )
+    intensity_scale: float = param(
+        0.0, "with augment: multiply intensities (in [0, 1]) by a factor in [1-x, 1+x]"
+    )
+    intensity_shift: float = param(
+        0.0, "with augment: add a random offset in [-x, x] to intensities (in [0, 1])"
+    )
+    gamma: float = param(
+        0.0, "with augment: raise intensities (in [0, 1]) to a power in [1/(1+x), 1+x]"
+    )
+    brightness: float = param(
+        0.0, "with augment, 3-channel images: scale the brightness by a factor in [1-x, 1+x]"
+    )
+    contrast: float = param(
+        0.0, "with augment, 3-channel images: blend with the mean grey by a factor in [1-x, 1+x]"
+    )
+    saturation: float = param(
+        0.0, "with augment, 3-channel images: blend with the grey image by a factor in [1-x, 1+x]"
+    )
     val_split: str = param("val", "split validated after every epoch (scores the checkpoints)")
     cache: bool = param(True, "keep decoded images in memory after first use")
+
+    def __post_init__(self) -> None:
+        for key, low, high in AUGMENT_RANGES:
+            value = getattr(self, key)
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            off = " (0: off)" if low == 0 else ""
+            ok = low <= value and (high is None or value <= high)
+            check(ok, f"data.{key}={value} is out of range: use a number {allowed}{off}")
 
 
 @dataclass(frozen=True)
@@ -148,6 +207,24 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """How `eval` and `predict` apply the model to images larger than its training crops."""
+
+    window: int = param(
+        0, "sliding-window side in pixels; 0: data.crop_size (no windows when that is 0 too)"
+    )
+    max_whole: int = param(
+        0,
+        "images with a side above this many pixels are predicted in sliding windows; "
+        "0: twice the window; -1: never",
+    )
+    overlap: float = param(0.25, "fraction of a window that overlaps the next one, in [0, 1)")
+    blend: str = param(
+        "gaussian", "gaussian | constant: weights of each window's pixels where windows overlap"
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: one section per dataclass above."""
 
@@ -158,6 +235,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -382,6 +460,8 @@ AT_LEAST: tuple[tuple[str, int | float, str], ...] = (
     ("logging.num_images", 0, ""),
     ("logging.max_failures", -1, " (-1: retry forever)"),
     ("logging.progress_every", 0, " (0: off)"),
+    ("inference.window", 0, " (0: data.crop_size)"),
+    ("inference.max_whole", -1, " (0: twice the window, -1: never use windows)"),
 )
 # what `logging.score` may name: reported every epoch, higher is better
 SCORES = ("val/miou", "val/fg_dice", "val/precision", "val/recall", "val/pixel_acc", "epoch")
@@ -392,6 +472,11 @@ def validate(cfg: Config) -> None:
     settings are checked by its Params dataclass)."""
     check_choice("optim.name", cfg.optim.name, ("adamw", "adam", "sgd"))
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
+    check_choice("inference.blend", cfg.inference.blend, ("gaussian", "constant"))
+    check(
+        0 <= cfg.inference.overlap < 1,
+        f"inference.overlap={cfg.inference.overlap} is out of range: use a number in [0, 1)",
+    )
     for key, low, note in AT_LEAST:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -52,6 +52,8 @@ def _compared(key: str, method_section: str) -> bool:
         return key == "method.name" or key.startswith(method_section)
     if top == "logging":
         return key in LOGGING_COMPARED
+    if top == "inference":  # how `eval`/`predict` apply a model, not how it was trained
+        return False
     return key not in NOT_COMPARED
 
 

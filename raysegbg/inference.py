@@ -25,13 +25,14 @@ from raysegbg.checkpoint import (
     recorded_meta,
     run_config,
 )
-from raysegbg.config import Config, replace
+from raysegbg.config import Config, apply_overrides, from_dict, parse_override, replace, to_dict
 from raysegbg.data.format import DatasetMeta, read_meta
 from raysegbg.data.loader import SegDataset, eval_batches
 from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Method
 from raysegbg.metrics import Evaluation, confusion
 from raysegbg.predictor import MASKS, Predictor, output_kinds, output_path, write_outputs
+from raysegbg.sliding import Windows
 from raysegbg.storage import Location
 from raysegbg.train import build_method
 
@@ -49,19 +50,52 @@ def load_run(
 
 
 def read_run(
-    run_dir: Location, which: str = "best"
+    run_dir: Location, which: str = "best", overrides: list[str] | None = None
 ) -> tuple[Config, DatasetMeta, dict[str, Any], Location]:
-    """A run's config, the dataset meta its `which` checkpoint records (or, for an older
-    checkpoint, the dataset's), that checkpoint's state and folder."""
+    """A run's config (with `overrides` of its `inference.*` keys), the dataset meta its
+    `which` checkpoint records (or, for an older checkpoint, the dataset's), that
+    checkpoint's state and folder."""
     run_dir = storage.location(run_dir)
     if not storage.is_file(storage.join(run_dir, "config.yaml")):
         raise RaysegbgError(
             f"{run_dir} is not a raysegbg run folder (no config.yaml): pass the folder printed "
             "by `raysegbg train`"
         )
-    cfg = run_config(run_dir)
+    cfg = with_inference(run_config(run_dir), overrides or [])
     ckpt, state = load_checkpoint(run_dir, which, cfg.logging.score)
     return cfg, recorded_meta(state) or _dataset_meta(cfg, ckpt), state, ckpt
+
+
+def with_inference(cfg: Config, overrides: list[str]) -> Config:
+    """The run's config with the `--set` overrides of `eval` / `predict`: only `inference.*`
+    keys, since the rest describes how the checkpoint's weights were trained."""
+    for text in overrides:
+        path, _ = parse_override(text)
+        if path[0] != "inference" or len(path) != 2:
+            raise RaysegbgError(
+                f"--set {text}: eval and predict change only inference.* keys (e.g. "
+                "inference.overlap=0.5); the others are the run's, fixed by its training"
+            )
+    return from_dict(apply_overrides(to_dict(cfg), overrides)) if overrides else cfg
+
+
+def windows_of(cfg: Config) -> Windows | None:
+    """The sliding windows `cfg.inference` asks for, sized from the training crop unless set;
+    None when images are always predicted whole."""
+    inf = cfg.inference
+    size = inf.window or cfg.data.crop_size
+    if size == 0 or inf.max_whole == -1:
+        return None
+    max_whole = inf.max_whole or 2 * size
+    return Windows(size, max_whole, inf.overlap, inf.blend, cfg.train.val_batch_size)
+
+
+def make_predictor(
+    cfg: Config, meta: DatasetMeta, state: dict[str, Any], ckpt: Location, tta: bool = False
+) -> Predictor:
+    """The one way `eval` and `predict` apply a checkpoint (see `Predictor`)."""
+    record = state.get(INFERENCE_KEY) or inference_record(cfg, meta)
+    return Predictor(build_loaded(cfg, meta, state, ckpt), record, tta, windows_of(cfg))
 
 
 def _dataset_meta(cfg: Config, ckpt: Location) -> DatasetMeta:
@@ -93,18 +127,24 @@ def build_loaded(cfg: Config, meta: DatasetMeta, state: dict[str, Any], ckpt: Lo
     return method.eval()
 
 
-def evaluate_run(run_dir: Location, split: str = "test", which: str = "best") -> dict[str, float]:
-    return evaluate(run_dir, split, which).metrics
+def evaluate_run(
+    run_dir: Location, split: str = "test", which: str = "best", overrides: list[str] | None = None
+) -> dict[str, float]:
+    return evaluate(run_dir, split, which, overrides).metrics
 
 
 @torch.no_grad()
-def evaluate(run_dir: Location, split: str = "test", which: str = "best") -> Evaluation:
-    """The confusion matrix of the `which` checkpoint on a split, and what it gives."""
-    cfg, meta, method, ckpt = load_run(run_dir, which)
+def evaluate(
+    run_dir: Location, split: str = "test", which: str = "best", overrides: list[str] | None = None
+) -> Evaluation:
+    """The confusion matrix of the `which` checkpoint on a split, and what it gives;
+    `overrides`: `inference.*=value` settings of this evaluation."""
+    cfg, meta, state, ckpt = read_run(run_dir, which, overrides)
+    predictor = make_predictor(cfg, meta, state, ckpt)
     dataset = SegDataset(cfg.data.path, split)
     cm = torch.zeros(meta.num_classes, meta.num_classes, dtype=torch.long)
     for batch in eval_batches(dataset, cfg.train.val_batch_size):
-        pred = method.predict(batch.images).argmax(1)
+        pred = predictor.batch(batch.images).argmax(1)
         cm += confusion(pred, batch.masks, meta.num_classes, meta.ignore_index)
     return Evaluation(cm.numpy(), list(meta.classes), len(dataset))
 
@@ -140,20 +180,21 @@ def predict_folder(
     probs: bool = False,
     overlay: bool = False,
     tta: bool = False,
+    overrides: list[str] | None = None,
 ) -> int:
     """Write one PNG class-id mask per input image, and with `probs` / `overlay` its class
     probabilities / a colour overlay (files: `raysegbg.predictor`); `tta` averages the
-    softmax of the image and of its mirror image. Everything is written to a temporary
+    softmax of the image and of its mirror image; `overrides`: `inference.*=value`
+    settings (sliding windows) of this prediction. Everything is written to a temporary
     folder beside `output_dir` and moved in only when all is done, so a failure leaves no
     half-written file; an existing one is replaced only with `overwrite`."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     kinds = output_kinds(probs, overlay)
     files = _input_images(input_dir, output_dir)
     _check_outputs(files, output_dir, overwrite, kinds)
-    cfg, meta, state, ckpt = read_run(run_dir)
+    cfg, meta, state, ckpt = read_run(run_dir, overrides=overrides)
     images = [_load_image(p, meta.channels) for p in files]  # all readable before the build
-    record = state.get(INFERENCE_KEY) or inference_record(cfg, meta)
-    predictor = Predictor(build_loaded(cfg, meta, state, ckpt), record, tta)
+    predictor = make_predictor(cfg, meta, state, ckpt, tta)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from raysegbg.methods.base import Method
+from raysegbg.sliding import Windows, sliding_window
 from raysegbg.tb import PALETTE
 
 MASKS, PROBS, OVERLAY = "", "probs", "overlay"  # the subfolder of each kind of output
@@ -36,12 +37,19 @@ def output_path(folder: Path, kind: str, stem: str) -> Path:
 
 
 class Predictor:
-    """A loaded method as `predict` applies it: the checkpoint's normalisation, padding right
-    and below to the encoder's stride, softmax; with `tta`, the mean of that and of the
-    prediction for the mirrored image, mirrored back."""
+    """A loaded method as `eval` and `predict` apply it: the checkpoint's normalisation,
+    padding right and below to the encoder's stride, softmax. An image with a side above
+    `windows.max_whole` is predicted in overlapping windows (`raysegbg.sliding`); with `tta`,
+    the result is averaged with that of the mirrored image, mirrored back."""
 
-    def __init__(self, method: Method, record: dict[str, Any], tta: bool = False):
-        self.method, self.tta = method, tta
+    def __init__(
+        self,
+        method: Method,
+        record: dict[str, Any],
+        tta: bool = False,
+        windows: Windows | None = None,
+    ):
+        self.method, self.tta, self.windows = method, tta, windows
         norm = record["normalize"]
         self.std = torch.tensor(norm["std"], dtype=torch.float32).view(-1, 1, 1)
         self.shift = torch.tensor(norm["mean"], dtype=torch.float32).view(-1, 1, 1) / self.std
@@ -50,18 +58,31 @@ class Predictor:
     @torch.no_grad()
     def probabilities(self, arr: np.ndarray) -> np.ndarray:
         """(C, H, W) float32 class probabilities of an H×W (grey) or H×W×C uint8 image."""
-        probs = self._softmax(arr)
-        if self.tta:
-            probs = (probs + self._softmax(arr[:, ::-1]).flip(-1)) / 2
-        return probs.numpy()
-
-    def _softmax(self, arr: np.ndarray) -> torch.Tensor:
         img = arr[:, :, None] if arr.ndim == 2 else arr
         x = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)
         x = (x / self.std - self.shift)[None]  # = the loader's value / 127.5 - 1, bit for bit
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % self.multiple, 0, -h % self.multiple))
-        return self.method.predict(x)[0, :, :h, :w].float().softmax(0)
+        return self.batch(x)[0].numpy()
+
+    @torch.no_grad()
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, K, H, W) class probabilities of normalised images (N, C, H, W)."""
+        probs = self._windowed(images)
+        if self.tta:  # around the whole sliding call: windows of the mirror image mirror too
+            probs = (probs + self._windowed(images.flip(-1)).flip(-1)) / 2
+        return probs
+
+    def uses_windows(self, height: int, width: int) -> bool:
+        return self.windows is not None and self.windows.needed(height, width)
+
+    def _windowed(self, images: torch.Tensor) -> torch.Tensor:
+        if self.uses_windows(*images.shape[-2:]):
+            return sliding_window(self._softmax, images, self.windows)
+        return self._softmax(images)
+
+    def _softmax(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        x = F.pad(images, (0, -w % self.multiple, 0, -h % self.multiple))
+        return self.method.predict(x)[:, :, :h, :w].float().softmax(1)
 
 
 def overlay(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from raysegbg.config import DataConfig
+from raysegbg.data.augment import augment
 from raysegbg.data.batch import Batch, Stream
 from raysegbg.data.format import DatasetMeta, decode_png, read_meta, read_split
 from raysegbg.errors import RaysegbgError
@@ -178,42 +178,6 @@ class SegDataset:
                 np.array(decode_png(self._masks[i], what=f"mask of {what}"))
             ).long()
         return image, mask
-
-
-def augment(
-    image: torch.Tensor, mask: torch.Tensor, cfg: DataConfig, gen: torch.Generator, ignore: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random scale, crop (padding with ignore where the image ends) and flips, applied
-    identically to image and mask."""
-    u = torch.rand(4, generator=gen).tolist()
-    if cfg.augment and (cfg.scale_min, cfg.scale_max) != (1.0, 1.0):
-        scale = cfg.scale_min + u[0] * (cfg.scale_max - cfg.scale_min)
-        if scale != 1.0:
-            size = [max(1, round(s * scale)) for s in image.shape[1:]]
-            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-            mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[
-                0, 0
-            ].long()
-    if cfg.crop_size:
-        image, mask = _random_crop(image, mask, cfg.crop_size, (u[1], u[2]), ignore)
-    if cfg.augment and cfg.hflip and u[3] < 0.5:
-        image, mask = image.flip(-1), mask.flip(-1)
-    if cfg.augment and cfg.vflip and torch.rand(1, generator=gen).item() < 0.5:
-        image, mask = image.flip(-2), mask.flip(-2)
-    return image, mask
-
-
-def _random_crop(image, mask, size: int, u: tuple[float, float], ignore: int):
-    h, w = image.shape[1:]
-    ph, pw = max(0, size - h), max(0, size - w)
-    if ph or pw:
-        image = F.pad(image, (0, pw, 0, ph))
-        mask = F.pad(mask, (0, pw, 0, ph), value=ignore)
-        h, w = image.shape[1:]
-    top, left = int(u[0] * (h - size + 1)), int(u[1] * (w - size + 1))
-    return image[:, top : top + size, left : left + size], mask[
-        top : top + size, left : left + size
-    ]
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor]], ignore: int):
