@@ -4,12 +4,14 @@ split scored once per final run, a report; a second call resumes without retrain
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 
 from raysegbg.compare import CompareOptions, cells, run_compare
 from raysegbg.errors import RaysegbgError
 from tests.conftest import tiny_overrides
+from tests.tb_read import tags
 
 
 def test_cells_pair_each_method_and_its_control_over_the_seeds():
@@ -46,8 +48,21 @@ def test_compare_runs_every_cell_reports_and_resumes(ray_local, tiny_data, tmp_p
         data=str(tiny_data), methods=["baseline", "mcibi"], seeds=2, budget=2,
         overrides=tiny_overrides(tiny_data, tmp_path, **{"scaling.workers": 1}), name="cmp",
     )  # fmt: skip
+    import raysegbg.inference as inference
+
+    scored = []  # every split the driver scores a run on
+    evaluate_run = inference.evaluate_run
+
+    def recording(run_dir, split="test", which="best", *args, **kwargs):
+        scored.append((Path(run_dir).name, split, which))
+        return evaluate_run(run_dir, split, which, *args, **kwargs)
+
     lines = []
-    folder = run_compare(opts, log=lines.append)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference, "evaluate_run", recording)
+        folder = run_compare(opts, log=lines.append)
+    # the test split: read once per final run, after training, by this report only
+    assert sorted(scored) == sorted((c.name, "test", "best") for c in cells(opts))
     runs = sorted(p.name for p in folder.iterdir() if (p / "epoch_0002" / "meta.json").is_file())
     assert runs == sorted(c.name for c in cells(opts))  # 2 baseline + 2 mcibi + 2 controls
     with (folder / "compare.csv").open() as f:
@@ -55,7 +70,16 @@ def test_compare_runs_every_cell_reports_and_resumes(ray_local, tiny_data, tmp_p
     assert set(rows) == {"baseline", "mcibi"} and rows["mcibi"]["seeds"] == "2"
     assert rows["mcibi"]["verdict"] in {"helps", "hurts", "no evidence"}
     assert rows["mcibi"]["mechanism"] and rows["baseline"]["verdict"] == ""
-    assert 0 <= float(rows["baseline"]["miou_mean"]) <= 1
+    for method, variant in (("baseline", "method"), ("mcibi", "method")):
+        own = [evaluate_run(folder / c.name, "test", "best") for c in cells(opts)
+               if (c.method, c.variant) == (method, variant)]  # fmt: skip
+        for metric in ("miou", "fg_dice", "precision", "fpr"):  # the table is the runs' own
+            mean = sum(m[metric] for m in own) / len(own)
+            assert float(rows[method][f"{metric}_mean"]) == pytest.approx(mean, abs=1e-9)
+    for cell in cells(opts):  # training validated on val only; no run logged a test metric
+        cfg = (folder / cell.name / "config.yaml").read_text()
+        assert "val_split: val" in cfg
+        assert not any("test" in t for t in tags(folder / cell.name / "tb")["scalars"])
     md = (folder / "compare.md").read_text()
     assert "test split, read once" in md and "| mcibi |" in md
     assert (folder / "compare.png").stat().st_size > 1000
