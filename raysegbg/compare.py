@@ -141,9 +141,32 @@ def _train_cells(todo: dict[Cell, Config], max_concurrent: int, folder: Path) ->
         ray.tune.with_resources(driver, DRIVER_RESOURCES),
         param_space={"cell": ray.tune.grid_search(sorted(by_name))},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=ray.tune.RunConfig(name="_trials", storage_path=str(folder), verbose=1),
+        run_config=ray.tune.RunConfig(
+            name="_trials", storage_path=str(folder), verbose=0, callbacks=[_progress(len(todo))]
+        ),
     )
     tuner.fit()
+
+
+def _progress(total: int) -> Any:
+    """A Tune callback printing one line per finished run (Tune's own tables are off: every
+    run prints its epoch lines already)."""
+    import ray.tune
+
+    class Progress(ray.tune.Callback):
+        done = 0
+
+        def report(self, trial: Any, how: str) -> None:
+            self.done += 1
+            print(f"compare: {trial.config['cell']} {how} ({self.done}/{total})", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.report(trial, "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.report(trial, "FAILED")
+
+    return Progress()
 
 
 def _cell_driver(params: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:

@@ -93,12 +93,18 @@ def verdict(d: Paired, lower_is_better: bool = False) -> str:
     return "helps" if good else "hurts" if bad else "no evidence"
 
 
-def mechanism_verdict(method_vs_control: Paired) -> str:
-    """Whether the method's own mechanism (not only its extra architecture) helps."""
+def mechanism_verdict(method_vs_control: Paired, vs_baseline: str = "no evidence") -> str:
+    """Whether the method's own mechanism (not only its extra architecture) helps: above its
+    control, "mechanism matters"; level with it, "architecture only" when the method beats
+    the baseline (its control does too), else no evidence either way."""
     found = verdict(method_vs_control)
-    return {"helps": "mechanism matters", "hurts": "mechanism hurts"}.get(
-        found, "architecture only (method = its control)"
-    )
+    if found == "helps":
+        return "mechanism matters"
+    if found == "hurts":
+        return "mechanism hurts"
+    if vs_baseline == "helps":
+        return "architecture only (the control is as good)"
+    return "no evidence (method level with its control)"
 
 
 @dataclass
@@ -141,7 +147,7 @@ def summarize(rows: list[Row], metric: str = "miou") -> list[dict[str, object]]:
                     [seeds[s][metric] for s in both], [control[s][metric] for s in both]
                 )
                 line["vs_control"] = vs_control
-                line["mechanism"] = mechanism_verdict(vs_control)
+                line["mechanism"] = mechanism_verdict(vs_control, str(line["verdict"]))
         out.append(line)
     return out
 

@@ -55,6 +55,9 @@ def rows() -> list[Row]:
         # same: better than the baseline, but its control is just as good
         out.append(Row("same", "method", seed, {**m, "miou": base + 0.04}))
         out.append(Row("same", "control", seed, {**m, "miou": base + 0.04 + noise / 3}))
+        # flat: no better than the baseline, and level with its control
+        out.append(Row("flat", "method", seed, {**m, "miou": base + (0.01, -0.01, 0.0)[seed]}))
+        out.append(Row("flat", "control", seed, {**m, "miou": base + (0.0, 0.01, -0.01)[seed]}))
     return out
 
 
@@ -64,6 +67,9 @@ def test_summary_verdicts_and_report(tmp_path):
     assert lines["good"]["verdict"] == "helps" and lines["good"]["mechanism"] == "mechanism matters"
     assert lines["same"]["verdict"] == "helps"
     assert lines["same"]["mechanism"].startswith("architecture only")
+    assert lines["baseline"].get("mechanism") is None
+    assert lines["flat"]["verdict"] == "no evidence"
+    assert lines["flat"]["mechanism"].startswith("no evidence")
     assert lines["good"]["miou"][0] == pytest.approx(0.65, abs=1e-3)
     write_report(list(lines.values()), tmp_path)
     table = (tmp_path / "compare.md").read_text()
