@@ -27,23 +27,6 @@ def param(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-# (key, lowest, highest or None) of each data.* augmentation strength; 0 turns it off
-AUGMENT_RANGES: tuple[tuple[str, float, float | None], ...] = (
-    ("rotate", 0, 180),
-    ("affine_scale", 0, 1),
-    ("shear", 0, 45),
-    ("translate", 0, 0.5),
-    ("elastic", 0, None),
-    ("elastic_smoothness", 1, None),
-    ("intensity_scale", 0, 1),
-    ("intensity_shift", 0, 1),
-    ("gamma", 0, 2),
-    ("brightness", 0, 1),
-    ("contrast", 0, 1),
-    ("saturation", 0, 1),
-)
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Where the Parquet dataset lives and how training samples are augmented."""
@@ -93,14 +76,6 @@ class DataConfig:
     )
     val_split: str = param("val", "split validated after every epoch (scores the checkpoints)")
     cache: bool = param(True, "keep decoded images in memory after first use")
-
-    def __post_init__(self) -> None:
-        for key, low, high in AUGMENT_RANGES:
-            value = getattr(self, key)
-            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-            off = " (0: off)" if low == 0 else ""
-            ok = low <= value and (high is None or value <= high)
-            check(ok, f"data.{key}={value} is out of range: use a number {allowed}{off}")
 
 
 @dataclass(frozen=True)
@@ -204,6 +179,9 @@ class LoggingConfig:
     score: str = param("val/miou", "metric that picks the best checkpoint (higher = better)")
     max_failures: int = param(2, "worker-group restarts before the run fails; -1: forever")
     progress_every: float = param(10.0, "seconds between progress lines within an epoch; 0: off")
+
+
+BLENDS = ("gaussian", "constant")  # how overlapping sliding windows are averaged
 
 
 @dataclass(frozen=True)
@@ -439,29 +417,43 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return from_dict(values)
 
 
-# (key, lowest valid value, what that value means): numbers below are refused in one line
-AT_LEAST: tuple[tuple[str, int | float, str], ...] = (
-    ("data.crop_size", 0, " (0 keeps the full image)"),
-    ("model.encoder_depth", 1, ""),
-    ("optim.weight_decay", 0, ""),
-    ("optim.warmup_steps", 0, ""),
-    ("optim.clip_norm", 0, " (0: no clipping)"),
-    ("train.epochs", 1, ""),
-    ("train.batch_size", 1, ""),
-    ("train.val_batch_size", 1, ""),
-    ("train.steps_per_epoch", 0, " (0: one pass over the training split)"),
-    ("train.seed", 0, ""),
-    ("train.snapshot_every", 1, ""),
-    ("train.patience", 0, " (0: off)"),
-    ("scaling.workers", 1, ""),
-    ("scaling.cpus_per_worker", 0, " (0: the node's CPUs shared evenly)"),
-    ("scaling.min_workers", 0, " (0: a fixed number of workers)"),
-    ("logging.image_every", 1, ""),
-    ("logging.num_images", 0, ""),
-    ("logging.max_failures", -1, " (-1: retry forever)"),
-    ("logging.progress_every", 0, " (0: off)"),
-    ("inference.window", 0, " (0: data.crop_size)"),
-    ("inference.max_whole", -1, " (0: twice the window, -1: never use windows)"),
+# (key, lowest valid value, highest or None, what a value means): numbers outside are refused
+# in one line
+RANGES: tuple[tuple[str, int | float, int | float | None, str], ...] = (
+    ("data.crop_size", 0, None, " (0 keeps the full image)"),
+    ("model.encoder_depth", 1, None, ""),
+    ("optim.weight_decay", 0, None, ""),
+    ("optim.warmup_steps", 0, None, ""),
+    ("optim.clip_norm", 0, None, " (0: no clipping)"),
+    ("train.epochs", 1, None, ""),
+    ("train.batch_size", 1, None, ""),
+    ("train.val_batch_size", 1, None, ""),
+    ("train.steps_per_epoch", 0, None, " (0: one pass over the training split)"),
+    ("train.seed", 0, None, ""),
+    ("train.snapshot_every", 1, None, ""),
+    ("train.patience", 0, None, " (0: off)"),
+    ("scaling.workers", 1, None, ""),
+    ("scaling.cpus_per_worker", 0, None, " (0: the node's CPUs shared evenly)"),
+    ("scaling.min_workers", 0, None, " (0: a fixed number of workers)"),
+    ("logging.image_every", 1, None, ""),
+    ("logging.num_images", 0, None, ""),
+    ("logging.max_failures", -1, None, " (-1: retry forever)"),
+    ("logging.progress_every", 0, None, " (0: off)"),
+    ("inference.window", 0, None, " (0: data.crop_size)"),
+    ("inference.max_whole", -1, None, " (0: twice the window, -1: never use windows)"),
+    ("optim.momentum", 0, 1, ""),
+    ("data.rotate", 0, 180, " (0: off)"),
+    ("data.affine_scale", 0, 1, " (0: off)"),
+    ("data.shear", 0, 45, " (0: off)"),
+    ("data.translate", 0, 0.5, " (0: off)"),
+    ("data.elastic", 0, None, " (0: off)"),
+    ("data.elastic_smoothness", 1, None, ""),
+    ("data.intensity_scale", 0, 1, " (0: off)"),
+    ("data.intensity_shift", 0, 1, " (0: off)"),
+    ("data.gamma", 0, 2, " (0: off)"),
+    ("data.brightness", 0, 1, " (0: off)"),
+    ("data.contrast", 0, 1, " (0: off)"),
+    ("data.saturation", 0, 1, " (0: off)"),
 )
 # what `logging.score` may name: reported every epoch, higher is better
 SCORES = ("val/miou", "val/fg_dice", "val/precision", "val/recall", "val/pixel_acc", "epoch")
@@ -472,22 +464,20 @@ def validate(cfg: Config) -> None:
     settings are checked by its Params dataclass)."""
     check_choice("optim.name", cfg.optim.name, ("adamw", "adam", "sgd"))
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
-    check_choice("inference.blend", cfg.inference.blend, ("gaussian", "constant"))
+    check_choice("inference.blend", cfg.inference.blend, BLENDS)
     check(
         0 <= cfg.inference.overlap < 1,
         f"inference.overlap={cfg.inference.overlap} is out of range: use a number in [0, 1)",
     )
-    for key, low, note in AT_LEAST:
+    for key, low, high, note in RANGES:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         kind = "an integer" if isinstance(value, int) else "a number"
-        check(value >= low, f"{key}={value} is out of range: use {kind} >= {low}{note}")
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        ok = value >= low and (high is None or value <= high)
+        check(ok, f"{key}={value} is out of range: use {kind} {allowed}{note}")
     checks = [
         (cfg.optim.lr > 0, f"optim.lr must be > 0 (got {cfg.optim.lr}): use e.g. 1e-3"),
-        (
-            0 <= cfg.optim.momentum <= 1,
-            f"optim.momentum={cfg.optim.momentum} is out of range: use a number in [0, 1]",
-        ),
         (
             0 < cfg.data.scale_min <= cfg.data.scale_max,
             f"data.scale_min={cfg.data.scale_min}, data.scale_max={cfg.data.scale_max}: "

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BLENDS = ("gaussian", "constant")
+from raysegbg.config import BLENDS
+
 # Gaussian weights: the standard deviation as a fraction of the window. A pixel near a
 # window's edge saw little context there, so the windows that hold it nearer their centre
 # decide; 1/8 keeps the edge weights small (e^-8 of the centre's) but never zero.
