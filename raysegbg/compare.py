@@ -11,7 +11,6 @@ against their control. Re-running the same command resumes: a finished cell is n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -20,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from raysegbg.compare_stats import BASELINE, METRICS, Row, summarize, write_report
-from raysegbg.config import Config, load_config, to_dict
+from raysegbg.config import Config, from_dict, load_config, to_dict
 from raysegbg.errors import RaysegbgError
-from raysegbg.registry import method_class
+from raysegbg.registry import method_class, section_name
+from raysegbg.search_space import apply_params
 
 CONTROL = "control"
 
@@ -63,10 +63,6 @@ def cells(opts: CompareOptions) -> list[Cell]:
     return out
 
 
-def _value(v: object) -> str:
-    return json.dumps(v) if isinstance(v, bool) else str(v)
-
-
 def cell_config(opts: CompareOptions, cell: Cell, folder: str) -> Config:
     """The run config of a cell: the user's config, the data, the method (its control's
     settings for a control), the seed and the budget; the run named after the cell."""
@@ -75,10 +71,12 @@ def cell_config(opts: CompareOptions, cell: Cell, folder: str) -> Config:
               f"logging.name={cell.name}"]  # fmt: skip
     if opts.budget:
         values.append(f"train.epochs={opts.budget}")
-    if cell.variant == CONTROL:
-        values += [f"method.{cell.method}.{k}={_value(v)}"
-                   for k, v in method_class(cell.method).control.items()]  # fmt: skip
-    return load_config(opts.config, values)
+    cfg = load_config(opts.config, values)
+    if cell.variant != CONTROL:
+        return cfg
+    section = f"method.{section_name(cell.method)}"
+    control = {f"{section}.{k}": v for k, v in method_class(cell.method).control.items()}
+    return from_dict(apply_params(to_dict(cfg), control))
 
 
 def check_options(opts: CompareOptions) -> None:
@@ -97,9 +95,13 @@ def check_options(opts: CompareOptions) -> None:
 
 
 def finished(cfg: Config) -> bool:
-    """The run reached its last epoch (a resumed comparison does not train it again)."""
-    last = Path(cfg.logging.storage_path) / cfg.logging.name / f"epoch_{cfg.train.epochs:04d}"
-    return (last / "meta.json").is_file()
+    """The run has ended (its last epoch of every stage, or stopped early), as its newest
+    checkpoint records: a resumed comparison does not train it again."""
+    from raysegbg.checkpoint import list_checkpoints
+
+    run_dir = Path(cfg.logging.storage_path) / cfg.logging.name
+    found = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    return bool(found) and bool(found[-1][1].get("complete"))
 
 
 def run_compare(opts: CompareOptions, log=print) -> Path:

@@ -244,11 +244,13 @@ class Trainer:
             INFERENCE_KEY: inference_record(self.cfg, self.meta),  # predict without the dataset
         }
 
-    def patience_spent(self) -> bool:
-        """`train.patience` epochs of the last stage without a better score: the run ends."""
+    def patience_spent(self, epoch: int | None = None) -> bool:
+        """`train.patience` epochs of the last stage without a better score (after `epoch`
+        epochs, default the ones done): the run ends."""
+        epoch = self.epoch if epoch is None else epoch
         patience = self.cfg.train.patience
         last_stage = self.stage_index == len(self.stages) - 1
-        return patience > 0 and last_stage and self.epoch - self.stage_best[1] >= patience
+        return patience > 0 and last_stage and epoch - self.stage_best[1] >= patience
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the checkpoint's epoch: in its stage with its optimiser states, or
@@ -364,7 +366,11 @@ def _report(trainer: Trainer, metrics: dict[str, float]) -> None:
         trainer.ctx.report(metrics, None, name)
         return
     with tempfile.TemporaryDirectory(prefix="raysegbg-ckpt-") as tmp:
-        meta = {"epoch": trainer.epoch + 1, "step": trainer.step, "metrics": metrics}
+        done = trainer.epoch + 1
+        # the run ends with this checkpoint (its last epoch, or patience spent): what a caller
+        # that waits for a finished run reads (`raysegbg compare`)
+        complete = done >= trainer.total_epochs or trainer.patience_spent(done)
+        meta = {"epoch": done, "step": trainer.step, "metrics": metrics, "complete": complete}
         save_checkpoint(Path(tmp), trainer.state_dict(), meta)
         if trainer.ctx.state is not None:
             save_shared(Path(tmp), trainer.ctx.state.checkpoint(trainer.method))

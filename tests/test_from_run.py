@@ -163,6 +163,9 @@ def test_patience_stops_at_the_same_epoch_when_resumed(tiny_data, tmp_path, monk
     assert [r["epoch"] for r in host.reports] == [1, 2, 3, 4] and metrics["epoch"] == 4
     assert lines[-1].startswith("stopped early at epoch 4: val/miou has not improved for 2")
     assert pick_checkpoint(tmp_path / "whole", "best").name == "epoch_0002"
+    # the checkpoint it stopped at records that the run ended (`raysegbg compare` reads it)
+    flags = [meta["complete"] for _, meta in list_checkpoints(tmp_path / "whole")]
+    assert flags[-1] is True and not any(flags[:-1]), flags
 
     # interrupted after epoch 3, inside the count: the resumed run stops at epoch 4 too
     train_until(cfg, tmp_path / "resumed", 3, monkeypatch)
