@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from raysegbg.errors import RaysegbgError
 
@@ -118,3 +121,19 @@ def watch_local_head(poll_s: float = 1.0) -> None:
 
     if head:
         threading.Thread(target=watch, name="raysegbg-head-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def on_sigterm(handler: Callable[[Any], None]) -> Iterator[None]:
+    """While inside, SIGTERM (`kill`, a scheduler) calls `handler(previous)` (`previous`: the
+    handler it replaced, e.g. Ray's, which aborts the driver); restored on exit. Only the main
+    thread may set handlers: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: handler(previous))
+    previous = previous or signal.SIG_DFL  # None: set outside Python
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,16 +5,12 @@ The only training module that imports Ray, so a Ray API change touches this file
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -202,7 +198,7 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
     init_ray(address)
     start = time.perf_counter()
     try:
-        with _sigterm_as_ctrl_c():
+        with failures.on_sigterm(_interrupt):
             result = run_trainer(cfg)
         if result.error:
             raise result.error
@@ -225,23 +221,11 @@ def fit(cfg: Config, address: str | None = None) -> RunResult:
     )
 
 
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (`kill`, a scheduler) stops the run as Ctrl+C does (KeyboardInterrupt): Ray's
-    handler, installed by `ray.init`, would abort the driver (exit -6, a C++ stack dump). The
-    checkpoints already written stay; the same command resumes. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt) or signal.SIG_DFL
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _interrupt(previous: Any) -> None:
+    """SIGTERM stops a run as Ctrl+C does (KeyboardInterrupt): Ray's handler, installed by
+    `ray.init`, would abort the driver (exit -6, a C++ stack dump). The checkpoints already
+    written stay; the same command resumes."""
+    raise KeyboardInterrupt
 
 
 def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:

@@ -13,15 +13,12 @@ Tune; the command line (`tune_commands`) imports this module, never the other wa
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
 import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -101,30 +98,18 @@ def run_search(opts: SearchOptions, callbacks: list[Any] | None = None) -> Searc
         tuner = ray.tune.Tuner.restore(str(search_dir), trainable, resume_errored=False)
     else:
         tuner = _new_tuner(plan, trainable, list(callbacks or []))
-    with _sigterm_stops_search():
+    with failures.on_sigterm(_stop_search):
         results = tuner.fit()
     return _finish(plan, results)
 
 
-@contextlib.contextmanager
-def _sigterm_stops_search() -> Iterator[None]:
+def _stop_search(previous: Any) -> None:
     """SIGTERM (`kill`, a scheduler) stops the search as Ctrl+C does: Tune ends the trials,
     saves its state, and `--resume` goes on. Left to Ray, SIGTERM aborts the driver (exit -6),
     Tune's state only as fresh as its last periodic save. Tune stops on SIGUSR1 as on SIGINT
     (handlers it sets in `fit`); a second SIGTERM ends the driver as before."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers (Tune then sets none either)
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, previous)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    previous = signal.signal(signal.SIGTERM, stop) or signal.SIG_DFL  # None: set outside Python
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, previous)
+    os.kill(os.getpid(), signal.SIGUSR1)
 
 
 # -- before Ray: everything that can be wrong in the input fails here --------------------------
