@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,12 @@ def tiny_overrides(data: Path, run_root: Path, **extra: object) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def train_command(overrides: list[str], *args: str) -> list[str]:
+    """`raysegbg train` as a process of its own: `--set` for each override, then `args`."""
+    sets = [word for kv in overrides for word in ("--set", kv)]
+    return [sys.executable, "-m", "raysegbg.cli", "train", *sets, *args]
 
 
 @pytest.fixture(scope="session")

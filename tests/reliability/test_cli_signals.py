@@ -7,12 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, train_command
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4
@@ -20,20 +19,8 @@ EPOCHS = 4
 
 def test_sigterm_stops_train_in_one_line_and_the_same_command_resumes(tiny_data, tmp_path):
     extra = {"train.epochs": EPOCHS, "train.steps_per_epoch": 8, "logging.image_every": 100}
-    sets = [
-        w for kv in tiny_overrides(tiny_data, tmp_path / "runs", **extra) for w in ("--set", kv)
-    ]
-    command = [
-        sys.executable,
-        "-m",
-        "raysegbg.cli",
-        "train",
-        "--workers",
-        "1",
-        "--name",
-        "r",
-        *sets,
-    ]
+    overrides = tiny_overrides(tiny_data, tmp_path / "runs", **extra)
+    command = train_command(overrides, "--workers", "1", "--name", "r")
     run = tmp_path / "runs" / "r"
     proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                             stdout=subprocess.DEVNULL)  # fmt: skip

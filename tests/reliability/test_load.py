@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, train_command
 
 pytestmark = pytest.mark.slow
 RUNS = 4
@@ -27,9 +26,8 @@ def test_four_runs_started_at_once_all_finish_alike(tiny_data, tmp_path):
     extra = {"scaling.workers": 1, "train.epochs": EPOCHS, "logging.image_every": 100}
     procs = []
     for k in range(RUNS):
-        sets = [w for kv in tiny_overrides(tiny_data, tmp_path / f"root{k}", **extra)
-                for w in ("--set", kv)]  # fmt: skip
-        command = [sys.executable, "-m", "raysegbg.cli", "train", *sets, "--name", "run"]
+        overrides = tiny_overrides(tiny_data, tmp_path / f"root{k}", **extra)
+        command = train_command(overrides, "--name", "run")
         procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, cwd=tmp_path))  # fmt: skip
     deadline = time.monotonic() + 400

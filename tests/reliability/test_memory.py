@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from raysegbg import failures
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +49,10 @@ def test_an_oom_deep_in_the_chain_becomes_one_line_with_the_figures():
     assert failures.explain(RuntimeError("a worker raised ValueError")) is None
 
 
-def _train(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    sets = [x for kv in args for x in ("--set", kv)]
+def _train(overrides: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "raysegbg.cli", "train", "--workers", "1", *sets],
-        cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        train_command(overrides, "--workers", "1"), cwd=cwd, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
