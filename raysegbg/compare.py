@@ -172,11 +172,11 @@ def _progress(total: int) -> Any:
 
 
 def _cell_driver(params: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
-    from raysegbg.config import from_dict
     from raysegbg.ray_train import run_trainer
+    from raysegbg.tune import TRIAL_POLL_S
 
     cfg = from_dict(configs[params["cell"]])
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "1"  # short epochs are not stretched
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = TRIAL_POLL_S  # as a search's trials
     result = run_trainer(cfg)
     if result.error:
         raise result.error
