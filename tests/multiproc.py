@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import socket
 import tempfile
 from pathlib import Path
 
@@ -12,18 +10,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, out: str, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank: int, world: int, out: str, fn, args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # rendezvous through a file in the run's own temp folder: a TCP port picked free beforehand
+    # can be taken by another process (Ray's, in the same test) before rank 0 listens on it
+    store = f"file://{Path(out, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
         Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
@@ -34,5 +28,5 @@ def _entry(rank: int, world: int, port: int, out: str, fn, args) -> None:
 def run_ranks(fn, world: int, *args) -> list:
     """fn(rank, world, *args) on every rank; returns the per-rank results in rank order."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_entry, args=(world, _free_port(), out, fn, args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, out, fn, args), nprocs=world, join=True)
         return [pickle.loads(Path(out, f"{r}.pkl").read_bytes()) for r in range(world)]
