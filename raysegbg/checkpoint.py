@@ -11,6 +11,7 @@ import io
 import json
 import math
 import pickle
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -144,6 +145,19 @@ def list_checkpoints(run_dir: Location) -> list[tuple[Location, dict[str, Any]]]
         except ValueError:
             _warn(f"skipping checkpoint {folder}: its {META_FILE} is truncated or corrupt")
     return found
+
+
+KEEP_BEST = 2  # checkpoints kept by score, besides the newest (Ray's `num_to_keep`)
+
+
+def prune_checkpoints(run_dir: Path, score: str, keep: int = KEEP_BEST) -> None:
+    """Remove a local run's checkpoints as Ray Train does: the `keep` best by `score` and the
+    newest stay. An in-process run (`local.train_local`) would otherwise keep every epoch."""
+    kept = set(ranked_checkpoints(run_dir, "best", score)[:keep])
+    kept |= set(ranked_checkpoints(run_dir, "last", score)[:1])
+    for folder, _ in list_checkpoints(run_dir):
+        if folder not in kept:
+            shutil.rmtree(folder)
 
 
 def ranked_checkpoints(

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from raysegbg.checkpoint import list_checkpoints, load_checkpoint
+from raysegbg.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints
 from raysegbg.config import Config, save_config
 from raysegbg.environment import write_environment
 from raysegbg.ray_train import resolve_run
@@ -23,8 +23,9 @@ from raysegbg.train import WorkerContext, train_worker
 class LocalHost:
     """The host side of a WorkerContext for a single local process."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, score: str = "val/miou"):
         self.run_dir = Path(run_dir)
+        self.score = score  # which checkpoints are kept, as Ray's CheckpointConfig keeps them
         self.reports: list[dict[str, float]] = []
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None, name: str) -> None:
@@ -36,6 +37,7 @@ class LocalHost:
             shutil.copytree(checkpoint, tmp)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
+            prune_checkpoints(self.run_dir, self.score)
 
     def restore(self) -> dict[str, Any] | None:
         """The newest readable checkpoint's state (a truncated newest one falls back)."""
@@ -58,7 +60,7 @@ def train_local(
     if run_dir is None:
         cfg = resolve_run(cfg)
         run_dir = Path(cfg.logging.storage_path) / cfg.logging.name
-    host = LocalHost(run_dir)
+    host = LocalHost(run_dir, cfg.logging.score)
     host.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, host.run_dir / "config.yaml")
     write_environment(host.run_dir)

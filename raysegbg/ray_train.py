@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from raysegbg import failures, storage
+from raysegbg.checkpoint import KEEP_BEST
 from raysegbg.config import Config, from_dict, replace, save_config, to_dict
 from raysegbg.environment import write_environment
 from raysegbg.errors import RaysegbgError
@@ -268,7 +269,7 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
                 # whose latest is also its best has a single checkpoint, and nothing to fall
                 # back to if that one is cut short; with 2 there are always at least two
                 # (`checkpoint.load_checkpoint` skips an unreadable one).
-                num_to_keep=2,
+                num_to_keep=KEEP_BEST,
                 checkpoint_score_attribute=cfg.logging.score,
                 checkpoint_score_order="max",
             ),

@@ -39,6 +39,13 @@ def contrast_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def every_checkpoint(monkeypatch):
+    """These tests read every stage's checkpoint: keep all of them (a run keeps the two best
+    and the newest, `checkpoint.prune_checkpoints`)."""
+    monkeypatch.setattr("raysegbg.local.prune_checkpoints", lambda *args: None)
+
+
 def prn_config(data: Path, root: Path, **extra):
     return load_config(None, tiny_overrides(data, root, **{**PRN, **extra}))
 

@@ -1,9 +1,16 @@
 """The per-worker loop in plain torch: metrics, checkpoints, resume, TensorBoard, eval, predict."""
 
 import numpy as np
+import torch
 from PIL import Image
 
-from raysegbg.checkpoint import list_checkpoints, pick_checkpoint
+from raysegbg.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    pick_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from raysegbg.config import load_config
 from raysegbg.inference import evaluate_run, predict_folder
 from raysegbg.local import train_local
@@ -14,6 +21,15 @@ EXPECTED_SCALARS = {
     "train/loss", "lr", "train/ce", "train/dice", "val/miou", "val/fg_dice", "val/precision",
     "val/recall", "val/fpr", "val/iou/background", "perf/images_per_s",
 }  # fmt: skip
+
+
+def test_local_runs_keep_checkpoints_as_ray_does(tmp_path):
+    """The two best by score and the newest stay; the rest of an in-process run goes."""
+    for epoch, score in enumerate([0.5, 0.9, 0.1, 0.8, 0.2], start=1):
+        folder = tmp_path / checkpoint_name(epoch)
+        save_checkpoint(folder, {"w": torch.zeros(1)}, {"epoch": epoch, "metrics": {"s": score}})
+    prune_checkpoints(tmp_path, "s")
+    assert [m["epoch"] for _, m in list_checkpoints(tmp_path)] == [2, 4, 5]
 
 
 def test_train_resume_eval_predict(tiny_data, tmp_path):
