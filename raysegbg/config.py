@@ -75,7 +75,22 @@ class DataConfig:
         0.0, "with augment, 3-channel images: blend with the grey image by a factor in [1-x, 1+x]"
     )
     val_split: str = param("val", "split validated after every epoch (scores the checkpoints)")
-    cache: bool = param(True, "keep decoded images in memory after first use")
+    cache: bool = param(True, "reader memory: keep decoded images in memory after first use")
+    reader: str = param(
+        "auto",
+        "memory: read the split's images into memory once; stream: read Parquet row groups on "
+        "demand, memory per worker independent of the dataset's size (order: see "
+        "shuffle_window); auto: stream when the split's decoded images would pass 2 GiB",
+    )
+    shuffle_window: int = param(
+        16, "reader stream: row groups shuffled together (groups in random order, rows of "
+        "this many groups in random order)"
+    )  # fmt: skip
+    workers: int = param(
+        0, "background processes per training worker that decode and augment batches "
+        "(0: in the training step)"
+    )  # fmt: skip
+    prefetch: int = param(2, "with workers: batches each background process prepares ahead")
 
 
 @dataclass(frozen=True)
@@ -181,6 +196,7 @@ class LoggingConfig:
     progress_every: float = param(10.0, "seconds between progress lines within an epoch; 0: off")
 
 
+READERS = ("auto", "memory", "stream")  # how a split's rows are read (data/rows.py)
 BLENDS = ("gaussian", "constant")  # how overlapping sliding windows are averaged
 
 
@@ -421,6 +437,9 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 # in one line
 RANGES: tuple[tuple[str, int | float, int | float | None, str], ...] = (
     ("data.crop_size", 0, None, " (0 keeps the full image)"),
+    ("data.shuffle_window", 1, None, ""),
+    ("data.workers", 0, None, " (0: in the training step)"),
+    ("data.prefetch", 1, None, ""),
     ("model.encoder_depth", 1, None, ""),
     ("optim.weight_decay", 0, None, ""),
     ("optim.warmup_steps", 0, None, ""),
@@ -465,6 +484,7 @@ def validate(cfg: Config) -> None:
     check_choice("optim.name", cfg.optim.name, ("adamw", "adam", "sgd"))
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "poly", "constant"))
     check_choice("inference.blend", cfg.inference.blend, BLENDS)
+    check_choice("data.reader", cfg.data.reader, READERS)
     check(
         0 <= cfg.inference.overlap < 1,
         f"inference.overlap={cfg.inference.overlap} is out of range: use a number in [0, 1)",

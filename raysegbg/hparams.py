@@ -20,7 +20,8 @@ from raysegbg.registry import section_name
 # Settings that change nothing a user compares runs by: where the data and runs are, memory
 # and speed knobs. Every other key of data, model, optim, train and scaling is compared.
 NOT_COMPARED = frozenset({
-    "data.path", "data.cache", "model.weights_path", "train.val_batch_size",
+    "data.path", "data.cache", "data.workers", "data.prefetch", "model.weights_path",
+    "train.val_batch_size",
     "train.snapshot_every", "scaling.cpus_per_worker", "scaling.min_workers",
 })  # fmt: skip
 LOGGING_COMPARED = frozenset({"logging.score"})  # the rest of `logging` is where and how often

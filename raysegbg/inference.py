@@ -141,7 +141,7 @@ def evaluate(
     `overrides`: `inference.*=value` settings of this evaluation."""
     cfg, meta, state, ckpt = read_run(run_dir, which, overrides)
     predictor = make_predictor(cfg, meta, state, ckpt)
-    dataset = SegDataset(cfg.data.path, split)
+    dataset = SegDataset(cfg.data.path, split, cache=False, reader=cfg.data.reader)
     cm = torch.zeros(meta.num_classes, meta.num_classes, dtype=torch.long)
     for batch in eval_batches(dataset, cfg.train.val_batch_size):
         pred = predictor.batch(batch.images).argmax(1)

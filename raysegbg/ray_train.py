@@ -62,8 +62,9 @@ def preflight(cfg: Config, address: str | None) -> DatasetMeta:
     from raysegbg.models import check_model_builds, check_model_config
 
     check_model_config(cfg.model)
-    if storage.is_uri(cfg.logging.storage_path):
-        storage.check(cfg.logging.storage_path)
+    for where in (cfg.logging.storage_path, cfg.data.path):
+        if storage.is_uri(where):
+            storage.check(where)
     meta = read_meta(cfg.data.path)
     check_score(cfg.logging.score, meta.classes)
     check_model_builds(cfg.model, meta.channels, meta.num_classes)

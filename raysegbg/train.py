@@ -83,10 +83,11 @@ class Trainer:
             convert_global_bn(self.method, ctx.device.type == "cuda")
         self.method.to(ctx.device)
         self.streams = self.method.streams()
-        self.train_ds = stream_dataset(cfg.data.path, self.streams["train"], cfg.data.cache)
+        self.train_ds = stream_dataset(cfg.data.path, self.streams["train"], cfg.data)
         unlabeled = self.streams.get("unlabeled")
-        self.unlabeled_ds = unlabeled and stream_dataset(cfg.data.path, unlabeled, cfg.data.cache)
-        self.val_ds = SegDataset(cfg.data.path, cfg.data.val_split, cache=cfg.data.cache)
+        self.unlabeled_ds = unlabeled and stream_dataset(cfg.data.path, unlabeled, cfg.data)
+        self.val_ds = SegDataset(cfg.data.path, cfg.data.val_split, cache=cfg.data.cache,
+                                 reader=cfg.data.reader)  # fmt: skip
         self.amp_dtype = _amp_dtype(cfg, ctx.device)
         self.epoch, self.step, self.best = 0, 0, -math.inf
         self.extra: dict[str, float] = {}  # latest per-step method scalars (e.g. a meta loss)
@@ -130,7 +131,11 @@ class Trainer:
         extra = self.streams.get("unlabeled")
         seed = cfg.train.seed + UNLABELED_SEED
         self.loader = StreamLoader(
-            main, extra and self._loader(self.unlabeled_ds, extra, data, seed)
+            main,
+            extra and self._loader(self.unlabeled_ds, extra, data, seed),
+            data.workers,
+            data.prefetch,
+            pin_memory=self.ctx.device.type == "cuda",
         )
         self.runner = None  # the previous stage's DDP wrappers go before new ones are built
         if stage.epochs > 0:  # a one-shot stage trains nothing: no optimiser, no DDP

@@ -78,8 +78,8 @@ def test_every_stream_is_the_same_for_one_worker_and_for_two(tmp_path):
     from raysegbg.data.synthetic import make_dataset
 
     make_dataset("hetero_bg", tmp_path / "semi", n=60, size=32, seed=0, labeled_fraction=0.25)
-    labeled = stream_dataset(tmp_path / "semi", Stream("labeled"), cache=True)
-    unlabeled = stream_dataset(tmp_path / "semi", Stream("unlabeled"), cache=True)
+    labeled = stream_dataset(tmp_path / "semi", Stream("labeled"), DataConfig())
+    unlabeled = stream_dataset(tmp_path / "semi", Stream("unlabeled"), DataConfig())
     assert not set(labeled.ids) & set(unlabeled.ids) and len(unlabeled) > 2 * len(labeled)
     cfg = DataConfig(crop_size=24)
 
@@ -110,6 +110,8 @@ def test_a_weak_stream_hides_the_masks(tiny_data):
     from raysegbg.data.batch import Stream
     from raysegbg.data.loader import stream_dataset
 
-    weak = stream_dataset(tiny_data, Stream("all", masks=False, image_labels=True), cache=False)
+    weak = stream_dataset(
+        tiny_data, Stream("all", masks=False, image_labels=True), DataConfig(cache=False)
+    )
     image, mask = weak[0]
     assert (mask == 255).all() and weak.labels[0]

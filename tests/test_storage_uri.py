@@ -205,6 +205,36 @@ def test_training_run_in_object_store(ray_local, tiny_data, s3_options, tmp_path
     assert out.is_file()
 
 
+def test_a_dataset_in_object_store_trains_and_evaluates(ray_local, tiny_data, s3_options, tmp_path):
+    """`data.path=s3://...`: two workers stream the shards from the bucket (row groups read on
+    demand, one background process each) and the run's `eval` reads the test split there."""
+    from raysegbg.config import load_config
+    from raysegbg.data.loader import SegDataset
+    from raysegbg.inference import evaluate_run
+    from raysegbg.ray_train import fit
+    from tests.conftest import tiny_overrides
+
+    bucket = storage.location(f"s3://{BUCKET}/data-{uuid.uuid4().hex[:8]}?{s3_options}")
+    storage.upload_dir(tiny_data, bucket)
+    remote = SegDataset(str(bucket), "train", reader="stream")
+    local = SegDataset(tiny_data, "train")
+    assert remote.ids == local.ids and np.array_equal(remote[5][0], local[5][0])
+
+    overrides = tiny_overrides(str(bucket), tmp_path, **{"logging.name": "from-s3",
+        "scaling.workers": 2, "data.reader": "stream", "data.workers": 1})  # fmt: skip
+    result = fit(load_config(None, overrides))
+    assert result.metrics["epoch"] == 2
+    scores = evaluate_run(tmp_path / "from-s3", "test")
+    assert 0 <= scores["miou"] <= 1
+    # a missing bucket is one line before Ray starts
+    from raysegbg.errors import RaysegbgError
+    from raysegbg.ray_train import preflight
+
+    gone = overrides + [f"data.path=s3://no-such-bucket/x?{s3_options}"]
+    with pytest.raises(RaysegbgError, match="bucket no-such-bucket .* does not exist"):
+        preflight(load_config(None, gone), None)
+
+
 @pytest.mark.slow
 def test_search_in_object_store(ray_local, tiny_data, s3_options, capsys, tmp_path):
     """`raysegbg tune` with an s3:// storage path: trials, ASHA rungs and reports land there.

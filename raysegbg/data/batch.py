@@ -22,6 +22,16 @@ class Batch:
     image_labels: torch.Tensor | None = None
     unlabeled: Batch | None = field(default=None, repr=False)
 
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked memory (what torch's DataLoader calls with
+        pin_memory=True), so `to(cuda)` copies without blocking."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return replace(
+            self, images=pin(self.images), masks=pin(self.masks),
+            image_labels=pin(self.image_labels),
+            unlabeled=None if self.unlabeled is None else self.unlabeled.pin_memory(),
+        )  # fmt: skip
+
     def to(self, device: torch.device) -> Batch:
         """The same batch on `device` (every stream)."""
         if device.type == "cpu":

@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from raysegbg import storage
 from raysegbg.errors import RaysegbgError
+from raysegbg.storage import Location
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -34,6 +36,10 @@ SCHEMA = pa.schema(
         pa.field("image_labels", pa.list_(pa.int32())),
     ]
 )
+# A row group is what a streaming reader fetches at once (`loader.ParquetRows`): small enough
+# that a shuffle window of a few dozen stays in tens of MB, big enough for object stores.
+ROW_GROUP_BYTES = 4 << 20
+ROW_GROUP_ROWS = 512
 _HOW_TO_CREATE = "create one with `raysegbg data make` or `raysegbg data import`"
 
 
@@ -232,9 +238,21 @@ def _write_shards(rows: list[_Row], tmp: Path, shard_rows: int) -> list[str]:
             }
             fname = f"{split}-{k:05d}.parquet"
             table = pa.table(cols, schema=SCHEMA)
-            pq.write_table(table, tmp / fname, write_statistics=["id", "split"])
+            with pq.ParquetWriter(tmp / fname, SCHEMA, write_statistics=["id", "split"]) as out:
+                for first, stop in _row_groups(chunk):
+                    out.write_table(table.slice(first, stop - first), row_group_size=stop - first)
             shards.append(fname)
     return shards
+
+
+def _row_groups(rows: list[_Row]) -> Iterator[tuple[int, int]]:
+    """(first, stop) of each row group: up to ROW_GROUP_BYTES of PNG data or ROW_GROUP_ROWS."""
+    first, size = 0, 0
+    for i, r in enumerate(rows):
+        size += len(r.image) + len(r.mask or b"")
+        if size >= ROW_GROUP_BYTES or i + 1 - first == ROW_GROUP_ROWS or i + 1 == len(rows):
+            yield first, i + 1
+            first, size = i + 1, 0
 
 
 def _check_counts(rows: list[_Row]) -> dict[str, int]:
@@ -330,13 +348,14 @@ def assign_splits(n: int, val: float, test: float, seed: int) -> list[str]:
     return split.tolist()
 
 
-def read_meta(path: Path) -> DatasetMeta:
-    """The dataset's metadata, or a one-line error saying how to create a dataset."""
-    path = Path(path)
-    if not (path / META_FILE).is_file():
+def read_meta(path: str | Path) -> DatasetMeta:
+    """The dataset's metadata (a local folder or an object-store URI), or a one-line error
+    saying how to create a dataset."""
+    path = storage.location(path)
+    if not storage.is_file(storage.join(path, META_FILE)):
         raise RaysegbgError(f"no dataset at {path}: {_HOW_TO_CREATE}")
     try:
-        meta = DatasetMeta.from_json(path / META_FILE)
+        meta = DatasetMeta.from_dict(json.loads(storage.read_text(storage.join(path, META_FILE))))
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise RaysegbgError(
             f"{path / META_FILE} is invalid ({type(e).__name__}: {e}): re-create the dataset "
@@ -350,8 +369,13 @@ def read_meta(path: Path) -> DatasetMeta:
     return meta
 
 
-def read_split(path: Path, split: str, columns: list[str] | None = None) -> pa.Table:
+def read_split(path: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
     """All rows of one split, read from that split's shards only."""
+    return pa.concat_tables([_read_shard(f, columns) for f in split_shards(path, split)])
+
+
+def split_shards(path: str | Path, split: str) -> list[Location]:
+    """The shard files (paths or URIs) of one split, in order."""
     meta = read_meta(path)
     if split not in SPLITS:
         raise RaysegbgError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -362,25 +386,39 @@ def read_split(path: Path, split: str, columns: list[str] | None = None) -> pa.T
             f"split {split!r} of dataset {meta.name!r} is empty ({counts}): choose a non-empty "
             f"split or re-create the dataset with val/test fractions > 0"
         )
-    return pa.concat_tables([_read_shard(Path(path) / f, columns) for f in files])
+    return [storage.join(path, f) for f in files]
 
 
-def _read_shard(file: Path, columns: list[str] | None) -> pa.Table:
+def _read_shard(file: Location, columns: list[str] | None) -> pa.Table:
     """One Parquet shard; a missing or corrupt one is a one-line error, not Arrow's."""
-    if not file.is_file():
+    with open_shard(file) as shard:
+        try:
+            return shard.read(columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise _corrupt(file, exc) from None
+
+
+def open_shard(file: Location) -> pq.ParquetFile:
+    """A shard opened for reading (its footer read); missing or corrupt: one line."""
+    fs, fs_path = storage.resolve(file)
+    if fs.get_file_info(fs_path).type != storage.pafs.FileType.File:
         raise RaysegbgError(
             f"shard {file} listed in {META_FILE} is missing: re-create the dataset with "
             f"`raysegbg data make` or re-run `raysegbg data import`"
         )
     try:
-        return pq.read_table(file, columns=columns)
+        return pq.ParquetFile(fs.open_input_file(fs_path))
     except (pa.ArrowException, OSError) as exc:
-        # Arrow names the file again: keep its first sentence after the path
-        reason = str(exc).split("': ")[-1].split(". ")[0] or type(exc).__name__
-        raise RaysegbgError(
-            f"shard {file} is corrupt ({reason}): re-create the dataset with "
-            f"`raysegbg data make` or re-run `raysegbg data import`"
-        ) from None
+        raise _corrupt(file, exc) from None
+
+
+def _corrupt(file: Location, exc: Exception) -> RaysegbgError:
+    # Arrow names the file again: keep its first sentence after the path
+    reason = str(exc).split("': ")[-1].split(". ")[0] or type(exc).__name__
+    return RaysegbgError(
+        f"shard {file} is corrupt ({reason}): re-create the dataset with "
+        f"`raysegbg data make` or re-run `raysegbg data import`"
+    )
 
 
 def class_frequencies(path: Path, split: str) -> np.ndarray:

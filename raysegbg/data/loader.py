@@ -21,7 +21,15 @@ import torch
 from raysegbg.config import DataConfig
 from raysegbg.data.augment import augment
 from raysegbg.data.batch import Batch, Stream
-from raysegbg.data.format import DatasetMeta, decode_png, read_meta, read_split
+from raysegbg.data.format import (
+    DatasetMeta,
+    decode_png,
+    open_shard,
+    read_meta,
+    read_split,
+    split_shards,
+)
+from raysegbg.data.rows import MemoryRows, ParquetRows
 from raysegbg.errors import RaysegbgError
 
 LABELED_FIX = "import masks, or raise the labeled fraction (`data make --labeled-fraction`)"
@@ -34,9 +42,9 @@ PIXEL_SCALE = 127.5  # 0..255 pixel values are fed as value / PIXEL_SCALE - 1, i
 ROWS = {"labeled": ("labeled",), "unlabeled": ("unlabeled",), "all": ("labeled", "unlabeled")}
 
 
-def _row_kind(image_id: str, mask: bytes | None, labeled_fraction: float) -> str:
+def _row_kind(image_id: str, has_mask: bool, labeled_fraction: float) -> str:
     """A row is labeled when it has a mask and falls in the labeled share of the ids."""
-    if mask is None or (labeled_fraction < 1 and not in_labeled_share(image_id, labeled_fraction)):
+    if not has_mask or (labeled_fraction < 1 and not in_labeled_share(image_id, labeled_fraction)):
         return "unlabeled"
     return "labeled"
 
@@ -65,7 +73,7 @@ def row_kinds(path: str | Path, split: str, labeled_fraction: float) -> set[str]
     reads only ids and masks."""
     table = read_split(path, split, columns=["id", "mask"])
     ids, masks = table["id"].to_pylist(), table["mask"].to_pylist()
-    return {_row_kind(i, m, labeled_fraction) for i, m in zip(ids, masks, strict=True)}
+    return {_row_kind(i, m is not None, labeled_fraction) for i, m in zip(ids, masks, strict=True)}
 
 
 def check_rows(path: str | Path, split: str, labeled_fraction: float, *rows: str) -> None:
@@ -77,8 +85,30 @@ def check_rows(path: str | Path, split: str, labeled_fraction: float, *rows: str
             raise RaysegbgError(f"split '{split}' of {path} has no {kind} samples: {fix}")
 
 
+STREAM_ABOVE = 2 << 30  # reader auto: stream a split whose decoded images would pass this
+
+
+def streamed(reader: str, path: str | Path, split: str) -> bool:
+    """Whether `reader` (data.reader) reads this split by row groups on demand."""
+    if reader != "auto":
+        return reader == "stream"
+    meta = read_meta(path)
+    if meta.image_size is None:  # sizes vary: judge by the encoded bytes (PNG ~ 1/10)
+        return sum(pq_bytes(f) for f in split_shards(path, split)) * 10 > STREAM_ABOVE
+    h, w = meta.image_size
+    per_image = h * w * (meta.channels * 4 + 8)  # float image + long mask, as decoded
+    return meta.splits.get(split, 0) * per_image > STREAM_ABOVE
+
+
+def pq_bytes(file) -> int:
+    with open_shard(file) as shard:
+        meta = shard.metadata
+        return sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+
+
 class SegDataset:
-    """One split of a dataset: PNG bytes in memory, decoded (and cached) on first use.
+    """One split of a dataset: its rows (in memory or read on demand, `data.reader`), decoded
+    on use (and with `cache`, kept decoded; never when streamed).
 
     `rows` picks `labeled` rows (with a mask), `unlabeled` ones or `all`; with
     `labeled_fraction` < 1 only that share of the rows with a mask counts as labeled (semi-
@@ -90,16 +120,15 @@ class SegDataset:
     def __init__(
         self, path: str | Path, split: str, *, rows: str = "labeled", masks: bool = True,
         labeled_fraction: float = 1.0, hidden_masks: bool = False, cache: bool = True,
+        reader: str = "memory",
     ):  # fmt: skip
         if rows not in ROWS:
             raise RaysegbgError(f"rows={rows!r}: use one of {', '.join(ROWS)}")
         self.meta: DatasetMeta = read_meta(path)
-        table = read_split(path, split, columns=["id", "image", "mask", "image_labels"])
-        ids = table.column("id").to_pylist()
-        images = table.column("image").to_pylist()
-        masks_col = table.column("mask").to_pylist()
-        labels = table.column("image_labels").to_pylist()
-        kinds = [_row_kind(ids[i], m, labeled_fraction) for i, m in enumerate(masks_col)]
+        stream = streamed(reader, path, split)
+        self.source = ParquetRows.index(path, split) if stream else MemoryRows(path, split)
+        ids, labels, has_mask = self.source.columns
+        kinds = [_row_kind(ids[i], m, labeled_fraction) for i, m in enumerate(has_mask)]
         keep = [i for i, kind in enumerate(kinds) if kind in ROWS[rows]]
         if not keep:
             raise RaysegbgError(
@@ -108,14 +137,28 @@ class SegDataset:
             )
         self.split = split
         self.ids = [ids[i] for i in keep]
-        self._images = [images[i] for i in keep]
+        self._rows = keep  # each sample's row in the source
         shown = lambda i: masks and (kinds[i] == "labeled" or hidden_masks)  # noqa: E731
-        self._masks = [masks_col[i] if shown(i) else None for i in keep]
-        self.labels = [tuple(labels[i] or ()) for i in keep]
+        # per sample: True reads the row's mask, None hides it, an array replaces it
+        self._masks: list[bool | np.ndarray | None] = [True if shown(i) else None for i in keep]
+        self.labels = [labels[i] for i in keep]
+        cache = cache and not stream  # a decoded cache would grow with the dataset
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.source, ParquetRows)
+
+    def groups(self) -> list[torch.Tensor]:
+        """The samples' indices by the row group they are read with, in first-seen order (one
+        group when the rows are in memory)."""
+        found: dict[int, list[int]] = {}
+        for i, row in enumerate(self._rows):
+            found.setdefault(self.source.group(row), []).append(i)
+        return [torch.tensor(v) for v in found.values()]
 
     def subset(self, keep) -> SegDataset:
         """The samples whose id passes `keep` (same order), e.g. a stage's held-out share."""
@@ -127,7 +170,7 @@ class SegDataset:
             )
         out = copy.copy(self)
         out.ids = [self.ids[i] for i in picked]
-        out._images = [self._images[i] for i in picked]
+        out._rows = [self._rows[i] for i in picked]
         out._masks = [self._masks[i] for i in picked]
         out.labels = [self.labels[i] for i in picked]
         out._cache = {} if self._cache is not None else None
@@ -165,7 +208,8 @@ class SegDataset:
 
     def _decode(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         what = f"'{self.ids[i]}'"
-        img = decode_png(self._images[i], what=f"image of {what}")
+        image_png, mask_png = self.source.get(self._rows[i])
+        img = decode_png(image_png, what=f"image of {what}")
         img = img[:, :, None] if img.ndim == 2 else img
         pixels = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()
         image = pixels / PIXEL_SCALE - 1
@@ -174,9 +218,7 @@ class SegDataset:
         elif isinstance(self._masks[i], np.ndarray):  # given by `with_masks`
             mask = torch.from_numpy(self._masks[i].astype(np.int64))
         else:
-            mask = torch.from_numpy(
-                np.array(decode_png(self._masks[i], what=f"mask of {what}"))
-            ).long()
+            mask = torch.from_numpy(np.array(decode_png(mask_png, what=f"mask of {what}"))).long()
         return image, mask
 
 
@@ -205,6 +247,10 @@ class TrainLoader:
     rank: int = 0
     world: int = 1
     image_labels: bool = False  # attach the rows' image-level labels
+    _orders: tuple = ()  # (epoch, order) of the last epoch asked for
+
+    def __getstate__(self):  # a background process computes its own orders
+        return {**self.__dict__, "_orders": ()}
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         order = self._order(epoch)
@@ -224,10 +270,27 @@ class TrainLoader:
         return self._batch(epoch, [(p, int(order[p % len(order)])) for p in positions])
 
     def _order(self, epoch: int) -> torch.Tensor:
+        """The epoch's sample order: a permutation per pass over the split. A streamed split
+        is shuffled by row groups (`data.shuffle_window` groups in random order, their rows in
+        random order), so a rank reads each group about once per pass."""
+        if self._orders and self._orders[0] == epoch:
+            return self._orders[1]
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         n = len(self.dataset)
         reps = -(-self.steps * self.global_batch // n)
-        return torch.cat([torch.randperm(n, generator=gen) for _ in range(reps)])
+        groups = self.dataset.groups() if self.dataset.streamed else []
+        passes = []
+        for _ in range(reps):
+            if len(groups) <= 1:
+                passes.append(torch.randperm(n, generator=gen))
+                continue
+            shuffled = torch.randperm(len(groups), generator=gen).tolist()
+            window = self.cfg.shuffle_window
+            for start in range(0, len(shuffled), window):
+                rows = torch.cat([groups[g] for g in shuffled[start : start + window]])
+                passes.append(rows[torch.randperm(len(rows), generator=gen)])
+        self._orders = (epoch, torch.cat(passes))
+        return self._orders[1]
 
     def _batch(self, epoch: int, picks: list[tuple[int, int]]) -> Batch:
         ignore = self.dataset.meta.ignore_index
@@ -262,21 +325,65 @@ UNLABELED_SEED = 7_919  # the unlabeled stream's order is its own, not the label
 class StreamLoader:
     """The method's streams together: each step, this rank's share of the main stream's
     global batch with the unlabeled stream's share attached (`Batch.unlabeled`). Every stream
-    has its own rows, per-step count and seeded order, so W workers still see what one sees."""
+    has its own rows, per-step count and seeded order, so W workers still see what one sees.
 
-    def __init__(self, main: TrainLoader, unlabeled: TrainLoader | None = None):
+    With `workers` > 0, background processes (torch's DataLoader, kept for the whole run)
+    build the batches ahead, `prefetch` each, and hand them over in step order: a batch is a
+    function of (epoch, step) only, so the batches are the same with any number of them.
+    """
+
+    def __init__(self, main: TrainLoader, unlabeled: TrainLoader | None = None,
+                 workers: int = 0, prefetch: int = 2, pin_memory: bool = False):  # fmt: skip
         self.main, self.unlabeled = main, unlabeled
+        self._background = None
+        if workers > 0:
+            self._steps = _EpochSteps(main.steps)
+            self._background = torch.utils.data.DataLoader(
+                _StepBatches(main, unlabeled), batch_size=None, sampler=self._steps,
+                num_workers=workers, prefetch_factor=prefetch, persistent_workers=True,
+                pin_memory=pin_memory,
+            )  # fmt: skip
+
+    def batch(self, epoch: int, step: int) -> Batch:
+        batch = self.main._batch_of(epoch, step, self.main._order(epoch))
+        if self.unlabeled is not None:
+            batch.unlabeled = self.unlabeled._batch_of(epoch, step, self.unlabeled._order(epoch))
+        return batch
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        if self.unlabeled is None:
-            yield from self.main.epoch(epoch)
+        if self._background is None:
+            for step in range(self.main.steps):
+                yield self.batch(epoch, step)
             return
-        for batch, extra in zip(self.main.epoch(epoch), self.unlabeled.epoch(epoch), strict=True):
-            batch.unlabeled = extra
-            yield batch
+        self._steps.epoch = epoch
+        yield from self._background
 
 
-def stream_dataset(path: str | Path, stream: Stream, cache: bool) -> SegDataset:
+class _EpochSteps(torch.utils.data.Sampler):
+    """(epoch, step) of every step of the epoch set last."""
+
+    def __init__(self, steps: int):
+        self.steps, self.epoch = steps, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, step) for step in range(self.steps)])
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """What a background process computes: the batch of (epoch, step)."""
+
+    def __init__(self, main: TrainLoader, unlabeled: TrainLoader | None):
+        self.loader = StreamLoader(main, unlabeled)
+
+    def __getitem__(self, key: tuple[int, int]) -> Batch:
+        return self.loader.batch(*key)
+
+
+def stream_dataset(path: str | Path, stream: Stream, data: DataConfig) -> SegDataset:
     """The training split's rows of one stream."""
     return SegDataset(path, "train", rows=stream.rows, masks=stream.masks,
-                      labeled_fraction=stream.labeled_fraction, cache=cache)  # fmt: skip
+                      labeled_fraction=stream.labeled_fraction, cache=data.cache,
+                      reader=data.reader)  # fmt: skip

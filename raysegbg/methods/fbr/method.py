@@ -300,7 +300,8 @@ class Fbr(Method):
         out = {}
         if not self.params.cam_threshold:
             out = self.choose_threshold(run)
-        truth = SegDataset(self.cfg.data.path, "train", rows="all", cache=False)
+        data = self.cfg.data
+        truth = SegDataset(data.path, "train", rows="all", cache=False, reader=data.reader)
         truth = truth.subset(set(run.dataset.ids).__contains__)
         index = {image_id: i for i, image_id in enumerate(truth.ids)}
         cm = torch.zeros(n, n, dtype=torch.long)
@@ -335,7 +336,8 @@ class Fbr(Method):
     def choose_threshold(self, run: StageRun) -> dict[str, float]:
         """`cam_threshold` = 0: the threshold of `GRID` whose label-gated CAMs have the best
         mIoU on the validation split (summed over ranks; ties: the lower threshold)."""
-        val = SegDataset(self.cfg.data.path, self.cfg.data.val_split, cache=False)
+        data = self.cfg.data
+        val = SegDataset(data.path, data.val_split, cache=False, reader=data.reader)
         n = self.num_classes
         cm = torch.zeros(len(GRID), n, n, dtype=torch.long)
         index = {image_id: i for i, image_id in enumerate(val.ids)}

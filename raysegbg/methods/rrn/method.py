@@ -105,7 +105,7 @@ class Rrn(Method):
         if self.params.label_images:
             p, data = self.params, self.cfg.data
             self.hidden = SegDataset(
-                data.path, "train", rows=rows, cache=data.cache,
+                data.path, "train", rows=rows, cache=data.cache, reader=data.reader,
                 labeled_fraction=p.labeled_fraction, hidden_masks=True,
             )  # fmt: skip
             if p.label_images > 0:
