@@ -14,7 +14,12 @@ Goals (exit 1 if missed): with `data.reader=stream`, peak memory at 50k within 2
 1k for every number of background processes; the loader (0 background processes, the
 default) at least 5 x the consumption rate at every size.
 
+`--ray-data` adds the alternative the loader was chosen against: Ray Data streaming the same
+shards (`read_parquet` -> `map_batches` decoding and augmenting -> `iter_torch_batches` with a
+local shuffle buffer), background processes being Ray's own.
+
     python benchmarks/data_scale.py [--sizes 1000,10000,50000] [--steps 60] [--batch 8]
+                                    [--ray-data]
 """
 
 from __future__ import annotations
@@ -107,15 +112,7 @@ def measure(path: Path, reader: str, workers: int, steps: int, batch: int) -> di
     from raysegbg.data.loader import SegDataset, StreamLoader, TrainLoader
 
     torch.set_num_threads(1)
-    peak = [0]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], sum(_pss(p) for p in _tree(os.getpid())))
-            time.sleep(0.02)
-
-    threading.Thread(target=sample, daemon=True).start()
+    peak, done = _sampler()
     cfg = load_config(None, [f"data.path={path}", "data.augment=true", f"data.crop_size={CROP}",
                              f"data.reader={reader}", f"data.workers={workers}"])  # fmt: skip
     data = SegDataset(path, "train", reader=reader, cache=cfg.data.cache)
@@ -131,6 +128,62 @@ def measure(path: Path, reader: str, workers: int, steps: int, batch: int) -> di
     done.set()
     time.sleep(0.05)
     return {"images_per_s": rate, "peak_mb": peak[0] / 2**20}
+
+
+def measure_ray_data(path: Path, steps: int, batch: int) -> dict:
+    """The alternative: Ray Data streaming the same shards (decode and the same augmentation
+    in `map_batches` tasks, a local shuffle buffer), on a private local Ray of 2 CPUs. The
+    process tree's PSS then includes Ray's own processes and its object store."""
+    import numpy as np
+    import ray
+    import torch
+
+    from raysegbg.config import load_config
+    from raysegbg.data.augment import augment
+    from raysegbg.data.format import decode_png, split_shards
+    from raysegbg.data.loader import PIXEL_SCALE
+
+    cfg = load_config(None, ["data.augment=true", f"data.crop_size={CROP}"])
+    peak, done = _sampler()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    def prepare(rows: dict) -> dict:
+        images, masks = [], []
+        for k, (image, mask) in enumerate(zip(rows["image"], rows["mask"], strict=True)):
+            pixels = torch.from_numpy(np.array(decode_png(image))).permute(2, 0, 1).float()
+            target = torch.from_numpy(np.array(decode_png(mask))).long()
+            gen = torch.Generator().manual_seed(k)
+            pixels, target = augment(pixels / PIXEL_SCALE - 1, target, cfg.data, gen, 255)
+            images.append(pixels.numpy())
+            masks.append(target.numpy())
+        return {"image": np.stack(images), "mask": np.stack(masks)}
+
+    files = [str(f) for f in split_shards(path, "train")]
+    data = ray.data.read_parquet(files, columns=["image", "mask"]).map_batches(prepare)
+    batches = iter(data.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=64))
+    for _ in range(10):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    rate = steps * batch / (time.perf_counter() - start)
+    done.set()
+    ray.shutdown()
+    return {"images_per_s": rate, "peak_mb": peak[0] / 2**20}
+
+
+def _sampler() -> tuple[list[int], threading.Event]:
+    """Samples the PSS of this process and its descendants every 20 ms: (peak, stop)."""
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], sum(_pss(p) for p in _tree(os.getpid())))
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return peak, done
 
 
 def consumption(batch: int) -> float:
@@ -162,11 +215,16 @@ def main() -> int:
     parser.add_argument("--workers", default="0,2,4")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--ray-data", action="store_true", help="also measure Ray Data")
     parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # path reader workers
     args = parser.parse_args()
     if args.measure:
         path, reader, workers = args.measure
-        print(json.dumps(measure(Path(path), reader, int(workers), args.steps, args.batch)))
+        if reader == "ray_data":
+            result = measure_ray_data(Path(path), args.steps, args.batch)
+        else:
+            result = measure(Path(path), reader, int(workers), args.steps, args.batch)
+        print(json.dumps(result))
         return 0
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -178,6 +236,8 @@ def main() -> int:
         sets = make_sets(Path(tmp), sizes)
         cases = [("stream", n, w) for n in sizes for w in workers]
         cases += [("memory", n, 0) for n in sizes[:2]]  # what holding the split in memory costs
+        if args.ray_data:
+            cases += [("ray_data", n, 0) for n in (sizes[0], sizes[-1])]
         for reader, n, w in cases:
             cmd = [sys.executable, __file__, "--steps", str(args.steps), "--batch",
                    str(args.batch), "--measure", str(sets[n]), reader, str(w)]  # fmt: skip

@@ -127,7 +127,7 @@ class SegDataset:
         self.meta: DatasetMeta = read_meta(path)
         stream = streamed(reader, path, split)
         self.source = ParquetRows.index(path, split) if stream else MemoryRows(path, split)
-        ids, labels, has_mask = self.source.columns
+        ids, labels, has_mask = self.source.take_columns()
         kinds = [_row_kind(ids[i], m, labeled_fraction) for i, m in enumerate(has_mask)]
         keep = [i for i, kind in enumerate(kinds) if kind in ROWS[rows]]
         if not keep:
@@ -137,7 +137,7 @@ class SegDataset:
             )
         self.split = split
         self.ids = [ids[i] for i in keep]
-        self._rows = keep  # each sample's row in the source
+        self._rows = np.array(keep, dtype=np.int64)  # each sample's row in the source
         shown = lambda i: masks and (kinds[i] == "labeled" or hidden_masks)  # noqa: E731
         # per sample: True reads the row's mask, None hides it, an array replaces it
         self._masks: list[bool | np.ndarray | None] = [True if shown(i) else None for i in keep]
@@ -156,7 +156,7 @@ class SegDataset:
         """The samples' indices by the row group they are read with, in first-seen order (one
         group when the rows are in memory)."""
         found: dict[int, list[int]] = {}
-        for i, row in enumerate(self._rows):
+        for i, row in enumerate(self._rows.tolist()):
             found.setdefault(self.source.group(row), []).append(i)
         return [torch.tensor(v) for v in found.values()]
 
@@ -170,7 +170,7 @@ class SegDataset:
             )
         out = copy.copy(self)
         out.ids = [self.ids[i] for i in picked]
-        out._rows = [self._rows[i] for i in picked]
+        out._rows = self._rows[picked]
         out._masks = [self._masks[i] for i in picked]
         out.labels = [self.labels[i] for i in picked]
         out._cache = {} if self._cache is not None else None
@@ -208,7 +208,7 @@ class SegDataset:
 
     def _decode(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         what = f"'{self.ids[i]}'"
-        image_png, mask_png = self.source.get(self._rows[i])
+        image_png, mask_png = self.source.get(int(self._rows[i]))
         img = decode_png(image_png, what=f"image of {what}")
         img = img[:, :, None] if img.ndim == 2 else img
         pixels = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()
@@ -248,6 +248,10 @@ class TrainLoader:
     world: int = 1
     image_labels: bool = False  # attach the rows' image-level labels
     _orders: tuple = ()  # (epoch, order) of the last epoch asked for
+
+    def __post_init__(self):
+        if self.dataset.streamed:  # a window's groups stay read until the next window
+            self.dataset.source.groups_kept = max(self.cfg.shuffle_window, 2)
 
     def __getstate__(self):  # a background process computes its own orders
         return {**self.__dict__, "_orders": ()}

@@ -35,6 +35,11 @@ class MemoryRows:
         self.columns: Columns = (ids, [tuple(x or ()) for x in labels],
                                  [m is not None for m in self.masks])  # fmt: skip
 
+    def take_columns(self) -> Columns:
+        """The ids, labels and mask presence, once (the dataset keeps its own share)."""
+        columns, self.columns = self.columns, None
+        return columns
+
     def get(self, row: int) -> tuple[bytes, bytes | None]:
         return self.images[row], self.masks[row]
 
@@ -48,14 +53,14 @@ class ParquetRows:
 
     files: list[Location]
     where: np.ndarray  # (rows, 3): shard, row group, row inside the group
-    columns: Columns
-    groups_kept: int = 32
+    columns: Columns | None
+    groups_kept: int = 16  # a training loader keeps its shuffle window's groups
     _open: dict[int, pq.ParquetFile] = field(default_factory=dict, repr=False)
     _groups: OrderedDict = field(default_factory=OrderedDict, repr=False)
     reads: int = 0  # row groups read so far (a benchmark's measure of read amplification)
 
     @classmethod
-    def index(cls, path: str | Location, split: str, groups_kept: int = 32) -> ParquetRows:
+    def index(cls, path: str | Location, split: str, groups_kept: int = 16) -> ParquetRows:
         """Read only the ids, image labels and mask validity of a split, shard by shard."""
         files = split_shards(path, split)
         where, ids, labels, has_mask = [], [], [], []
@@ -71,6 +76,8 @@ class ParquetRows:
                     has_mask += part.column("mask").is_valid().to_pylist()
         return cls(files, np.concatenate(where).astype(np.int64), (ids, labels, has_mask),
                    groups_kept)  # fmt: skip
+
+    take_columns = MemoryRows.take_columns
 
     def get(self, row: int) -> tuple[bytes, bytes | None]:
         f, g, k = (int(v) for v in self.where[row])
