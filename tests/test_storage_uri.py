@@ -216,6 +216,9 @@ def test_a_dataset_in_object_store_trains_and_evaluates(ray_local, tiny_data, s3
 
     bucket = storage.location(f"s3://{BUCKET}/data-{uuid.uuid4().hex[:8]}?{s3_options}")
     storage.upload_dir(tiny_data, bucket)
+    from raysegbg.cli import main
+
+    assert main(["data", "info", str(bucket)]) == 0  # the report reads the bucket's shards
     remote = SegDataset(str(bucket), "train", reader="stream")
     local = SegDataset(tiny_data, "train")
     assert remote.ids == local.ids and np.array_equal(remote[5][0], local[5][0])

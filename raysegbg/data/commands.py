@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from raysegbg import storage
 from raysegbg.data.format import SPLITS, DatasetMeta, class_frequencies, read_meta
 from raysegbg.errors import RaysegbgError
 
@@ -22,7 +23,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_make(sub)
     _add_import(sub)
     p = sub.add_parser("info", help="print splits, sizes, class frequencies and provenance")
-    p.add_argument("path", type=Path, help="dataset directory")
+    p.add_argument("path", type=storage.location, help="dataset directory or object-store URI")
     p.set_defaults(func=cmd_info)
 
 
@@ -273,7 +274,7 @@ def format_info(path: Path) -> str:
     meta = read_meta(path)
     size = "x".join(map(str, meta.image_size)) if meta.image_size else "mixed"
     lines = [
-        f"dataset   {meta.name}  ({Path(path)})",
+        f"dataset   {meta.name}  ({path})",
         f"images    {size}, {meta.channels} channel(s); {meta.num_classes} classes; "
         f"ignore index {meta.ignore_index}; format v{meta.format_version}",
         f"shards    {len(meta.shards)}",
