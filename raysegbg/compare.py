@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,7 @@ def report(configs: dict[Cell, Config], folder: Path, score: str, log=print) -> 
         line["supervision"] = method_class(str(line["method"])).supervision
     write_report(lines, folder)
     _chart(lines, folder / "compare.png")
+    _tensorboard(lines, folder / TB_DIR, folder / "compare.png")
     text = (folder / "compare.md").read_text()
     seeds = max(c.seed for c in configs) + 1
     note = (f"\ntest split, read once by each final run; checkpoints chosen by {score} on the "
@@ -204,6 +206,40 @@ def report(configs: dict[Cell, Config], folder: Path, score: str, log=print) -> 
     log(text + note)
     (folder / "compare.md").write_text(text + note + "\n")
     return folder
+
+
+TB_DIR = "tb"  # the comparison's TensorBoard folder: one HParams session per method, the chart
+
+
+def _tensorboard(lines: list[dict[str, Any]], logdir: Path, chart: Path) -> None:
+    """The report in TensorBoard: one HParams session per method (its test-split means and
+    differences, in percentage points for the differences) and the chart as an image.
+    Rewritten whole each time the comparison ends."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    from raysegbg.hparams import METRIC_PREFIX
+    from raysegbg.tb import write_experiment, write_session
+
+    shutil.rmtree(logdir, ignore_errors=True)
+    sessions = []
+    for line in lines:
+        hparams = {"method": str(line["method"]), "supervision": str(line["supervision"]),
+                   "seeds": int(line["seeds"]), "verdict": str(line.get("verdict", "-")),
+                   "mechanism": str(line.get("mechanism", "-"))}  # fmt: skip
+        metrics = {f"{METRIC_PREFIX}test/{m}": float(line[m][0]) for m in METRICS}
+        for name, diff in (("vs_baseline", line.get("vs_baseline")),
+                           ("vs_control", line.get("vs_control"))):  # fmt: skip
+            if diff is not None:
+                metrics[f"{METRIC_PREFIX}{name}/miou_points"] = 100 * diff.mean
+        write_session(logdir / str(line["method"]), hparams, metrics, experiment=False)
+        sessions.append((hparams, metrics))
+    tags = sorted({tag for _, metrics in sessions for tag in metrics})
+    write_experiment(logdir, [h for h, _ in sessions], tags)
+    with SummaryWriter(str(logdir)) as writer:
+        writer.add_image("compare", np.asarray(Image.open(chart).convert("RGB")), 0,
+                         dataformats="HWC")  # fmt: skip
 
 
 def _chart(lines: list[dict[str, Any]], path: Path) -> None:

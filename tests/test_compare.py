@@ -7,11 +7,12 @@ import csv
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raysegbg.compare import CompareOptions, cells, run_compare
 from raysegbg.errors import RaysegbgError
 from tests.conftest import tiny_overrides
-from tests.tb_read import tags
+from tests.tb_read import sessions, tags
 
 
 def test_cells_pair_each_method_and_its_control_over_the_seeds():
@@ -83,6 +84,21 @@ def test_compare_runs_every_cell_reports_and_resumes(ray_local, tiny_data, tmp_p
     md = (folder / "compare.md").read_text()
     assert "test split, read once" in md and "| mcibi |" in md
     assert (folder / "compare.png").stat().st_size > 1000
+    # TensorBoard: one HParams session per method holding the table's numbers, and the chart
+    found = sessions(folder / "tb")
+    assert {run: [s["method"] for s in ss] for run, ss in found.items()} == {
+        "baseline": ["baseline"], "mcibi": ["mcibi"]}  # fmt: skip
+    assert found["mcibi"][0]["verdict"] == rows["mcibi"]["verdict"]
+    for method in ("baseline", "mcibi"):
+        acc = EventAccumulator(str(folder / "tb" / method))
+        acc.Reload()
+        logged = acc.Scalars("hparams/test/miou")[0].value
+        assert logged == pytest.approx(float(rows[method]["miou_mean"]), abs=1e-6)
+    diff = EventAccumulator(str(folder / "tb" / "mcibi"))
+    diff.Reload()
+    points = diff.Scalars("hparams/vs_baseline/miou_points")[0].value
+    assert points == pytest.approx(100 * float(rows["mcibi"]["diff_baseline"]), abs=1e-4)
+    assert "compare" in tags(folder / "tb")["images"]
     # the control really ran with the memory frozen
     control = (folder / "mcibi-control-seed0" / "config.yaml").read_text()
     assert "update: false" in control
