@@ -167,6 +167,11 @@ class TrainConfig:
         "stop after this many epochs without a better logging.score; 0: off (a multi-stage "
         "method: counted in its last stage)",
     )
+    reuse_stages: bool = param(
+        True,
+        "reuse a stage result (prn's base) that a run or trial with the same data, settings "
+        "and seed computed, from <logging.storage_path>/stage_results; false: always train it",
+    )
 
 
 @dataclass(frozen=True)

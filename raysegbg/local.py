@@ -17,6 +17,7 @@ from raysegbg.ray_train import resolve_run
 from raysegbg.registry import method_class
 from raysegbg.state.actor import SharedState
 from raysegbg.state.client import LocalStateClient
+from raysegbg.state.sharing import Sharing, local_service
 from raysegbg.train import WorkerContext, train_worker
 
 
@@ -64,6 +65,9 @@ def train_local(
     host.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, host.run_dir / "config.yaml")
     write_environment(host.run_dir)
+    if cfg.train.reuse_stages and "sharing" not in kwargs:
+        service = local_service(cfg.logging.storage_path or str(host.run_dir.parent))
+        kwargs["sharing"] = Sharing(service, host.run_dir.name, 0, kwargs.get("log", print))
     if method_class(cfg.method.name).needs_shared_state and "state" not in kwargs:
         # the shared state in-process: same snapshots, store and checkpoints as the actor's
         state = SharedState(str(host.run_dir / "state"))

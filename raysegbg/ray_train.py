@@ -155,6 +155,13 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
         from raysegbg.state.client import StateClient
 
         ctx.state = StateClient(lookup(loop_config["state_actor"]), cfg.train.snapshot_every)
+    if cfg.train.reuse_stages:
+        from raysegbg.state.sharing import Sharing, local_service
+
+        name = loop_config.get("results_actor")  # a search's service, else the run's own
+        service = ray.get_actor(name, namespace="raysegbg") if name else local_service(
+            cfg.logging.storage_path)  # fmt: skip
+        ctx.sharing = Sharing(service, cfg.logging.name, ctx.rank, ctx.log)
     train_worker(cfg, ctx)
 
 
@@ -230,10 +237,10 @@ def _interrupt(previous: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
+def run_trainer(cfg: Config, callbacks: list[Any] | None = None, results: str | None = None) -> Any:
     """Run a resolved config on the connected Ray: run folder, config.yaml, environment.json,
     the shared-state actor if the method needs one, and TorchTrainer.fit. Returns Ray Train's
-    Result.
+    Result. `results`: the name of a search's stage-results actor (`state/results.py`).
 
     `fit` and every Tune trial (`raysegbg.tune`, which adds its report callback) call this.
     """
@@ -248,7 +255,8 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
     cpus = cfg.scaling.cpus_per_worker or max(
         1, int(ray.cluster_resources().get("CPU", 1)) // workers
     )
-    loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "threads": cpus}
+    loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "threads": cpus,
+                   "results_actor": results}  # fmt: skip
     needs_state = method_class(cfg.method.name).needs_shared_state
     if needs_state:  # one actor per run, owned by this driver, killed when the run ends
         # keep the handle: an unreferenced (non-detached) actor is destroyed right away

@@ -37,6 +37,7 @@ from raysegbg.data.loader import (
     steps_per_epoch,
     stream_dataset,
 )  # fmt: skip
+from raysegbg.errors import RaysegbgError
 from raysegbg.hparams import final_metrics, run_hparams
 from raysegbg.methods.base import Batch, Method, StageRun, StepInfo
 from raysegbg.metrics import confusion, summarize
@@ -44,6 +45,7 @@ from raysegbg.models import convert_global_bn
 from raysegbg.optim import lr_scale
 from raysegbg.progress import StepProgress, progress_line
 from raysegbg.registry import method_class
+from raysegbg.state.sharing import stage_state
 from raysegbg.step import StepRunner
 from raysegbg.tb import RunWriter, triptych_grid
 
@@ -62,6 +64,7 @@ class WorkerContext:
     restore: Callable[[], dict[str, Any] | None] = lambda: None
     log: Callable[[str], None] = print
     state: Any = None  # StateClient of the run's shared-state actor (rank 0 only), or None
+    sharing: Any = None  # state.sharing.Sharing: stage results reused across runs, or None
 
 
 def build_method(cfg: Config, num_classes: int, channels: int, ignore_index: int) -> Method:
@@ -96,6 +99,7 @@ class Trainer:
         self.stage_starts = list(itertools.accumulate(slots, initial=0))
         self.total_epochs = self.stage_starts[-1]
         self.stage_index = -1
+        self.computing: tuple[Any, str] | None = None  # (SharedStage, key) this run computes
         if state is None:
             self.enter_stage(0)
         else:
@@ -115,6 +119,9 @@ class Trainer:
         own share of the training split, with its own lr schedule)."""
         cfg, stage = self.cfg, self.stages[index]
         self.stage_index, self.stage = index, stage
+        # each stage draws from its own seed: what follows a stage does not depend on whether
+        # the run trained it or reused its result (`state/sharing.py`)
+        torch.manual_seed(cfg.train.seed * 1_009 + index)
         # (best score, its 1-based epoch) within this stage: what `train.patience` counts from
         self.stage_best: tuple[float, int] = (-math.inf, self.epoch)
         keep = stage.keep
@@ -147,6 +154,48 @@ class Trainer:
         batch = stream.batch_size or self.cfg.train.batch_size
         return TrainLoader(dataset, data, batch, self.steps, seed, ctx.rank, ctx.world_size,
                            image_labels=stream.image_labels)  # fmt: skip
+
+    # -- stage results shared with other runs and trials ------------------------------------
+    def reuse_stage(self) -> bool:
+        """At a shareable stage: True when its result was loaded (the run goes on at the next
+        stage); False when this run computes it (published at the stage's end)."""
+        sharing = self.ctx.sharing
+        share = self.method.shared_stage(self.stage) if sharing is not None else None
+        if share is None or self.computing is not None:
+            return False
+        key = sharing.key(share, self.cfg.data.path, self.cfg.train.seed)
+        first = self.stage_starts[self.stage_index]
+        found = sharing.begin(key) if self.epoch == first else None  # resumed inside: computing
+        if found is None:
+            self.computing = (share, key)
+            if self.ctx.rank == 0 and self.epoch == first:
+                self.ctx.log(f"{self.stage_prefix()}computing stage result {key} (runs and "
+                             "trials with the same settings will reuse it)")  # fmt: skip
+            return False
+        missing, unexpected = self.method.load_state_dict(found["method"], strict=False)
+        if unexpected or any(k.startswith(share.prefixes) for k in missing):
+            raise RaysegbgError(f"stage result {key} does not fit this model: remove it with "
+                                "`raysegbg state rm` and run again")  # fmt: skip
+        done = self.stage_starts[self.stage_index + 1]
+        self.step += self.total_steps
+        self.best = max(self.best, float(found["best"]))
+        if self.ctx.rank == 0:
+            self.ctx.log(f"{self.stage_prefix()}reused stage result {key}: epochs "
+                         f"{first + 1}-{done} not trained again")  # fmt: skip
+        self.epoch = done
+        return True
+
+    def publish_stage(self) -> None:
+        """After each epoch: at the end of a stage this run computed, publish its result."""
+        if self.computing is None or self.epoch != self.stage_starts[self.stage_index + 1]:
+            return
+        share, key = self.computing
+        self.computing = None
+        state = {"method": stage_state(self.method, share), "best": self.best}
+        meta = {"stage": share.name, "settings": share.settings, "seed": self.cfg.train.seed,
+                "version": share.version, "run": self.cfg.logging.name}  # fmt: skip
+        if self.ctx.sharing.publish(key, state, meta) and self.ctx.rank == 0:
+            self.ctx.log(f"{self.stage_prefix()}published stage result {key}")
 
     # -- one step / one epoch -------------------------------------------------------------
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -299,14 +348,19 @@ def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
         while trainer.epoch < trainer.total_epochs:
             if trainer.stage_of(trainer.epoch) != trainer.stage_index:
                 trainer.enter_stage(trainer.stage_of(trainer.epoch))
+            if trainer.reuse_stage():
+                continue
             metrics = run_epoch(trainer, writer)
             trainer.epoch += 1
+            trainer.publish_stage()
             if trainer.patience_spent():
                 _log_early_stop(trainer)
                 break
         if rank0 and metrics:
             writer.hparams(run_hparams(to_dict(cfg)), final_metrics(metrics, [cfg.logging.score]))
     finally:
+        if ctx.sharing is not None:
+            ctx.sharing.abandon()  # a claim still held: the run failed inside its stage
         writer.close()
     return metrics
 

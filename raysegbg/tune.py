@@ -18,6 +18,7 @@ import re
 import signal
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,6 +39,7 @@ from raysegbg.config import Config, check_name, from_dict, load_config, replace,
 from raysegbg.errors import RaysegbgError
 from raysegbg.ray_train import init_ray, preflight, resolve_run, run_trainer
 from raysegbg.search_space import SearchSpace, apply_params, load_space, parse_space
+from raysegbg.state.results import service_name, start_service
 from raysegbg.storage import Location
 from raysegbg.tb import clear_sessions
 from raysegbg.tune_report import HPARAMS_DIR, TrialRow, write_reports
@@ -93,7 +95,10 @@ def run_search(opts: SearchOptions, callbacks: list[Any] | None = None) -> Searc
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     init_ray(opts.address)
     search_dir = storage.location(plan["search_dir"])
-    trainable = _trainable(plan)
+    # trials that agree on a stage's settings share its result (prn's base): computed once
+    service_id = f"{plan['name']}-{uuid.uuid4().hex[:8]}"  # unique: drivers never share one
+    service = start_service(service_id, str(search_dir.parent))  # noqa: F841 (kept alive)
+    trainable = _trainable(plan, service_name(service_id))
     if opts.resume:
         tuner = ray.tune.Tuner.restore(str(search_dir), trainable, resume_errored=False)
     else:
@@ -227,10 +232,11 @@ def plan_resources(cfg: dict[str, Any], max_concurrent: int, samples: int) -> tu
     return apply_params(cfg, {"scaling.cpus_per_worker": per_worker}), min(want, fits)
 
 
-def _trainable(plan: dict[str, Any]) -> Any:
+def _trainable(plan: dict[str, Any], results: str | None = None) -> Any:
     base, concurrent = plan_resources(plan["trial_base"], plan["max_concurrent"], plan["samples"])
     plan["concurrent"] = concurrent
-    driver = ray.tune.with_parameters(_trial_driver, base=base, search_dir=plan["search_dir"])
+    driver = ray.tune.with_parameters(_trial_driver, base=base, search_dir=plan["search_dir"],
+                                      results=results)  # fmt: skip
     return ray.tune.with_resources(driver, DRIVER_RESOURCES)
 
 
@@ -319,14 +325,16 @@ def _values_text(params: dict[str, Any]) -> str:
     return re.sub(r"\.\.+", ".", re.sub(r"[^\w.=,+-]+", "-", ",".join(parts))).strip("-")
 
 
-def _trial_driver(params: dict[str, Any], base: dict[str, Any], search_dir: str) -> None:
+def _trial_driver(
+    params: dict[str, Any], base: dict[str, Any], search_dir: str, results: str | None = None
+) -> None:
     """Runs in each trial's Tune actor: the sampled config as a Train run named as the trial."""
     cfg = trial_config(base, params, search_dir, ray.tune.get_context().get_trial_name())
     # Train hands each report to its controller at a poll and a worker blocks on its next
     # report until then: poll often so short epochs are not stretched and ASHA's stop lands
     # within about an epoch (propagated from this process to the run's controller)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = TRIAL_POLL_S
-    run_trainer(cfg, callbacks=[_StampedReport()])  # raises (trial error) if the run fails
+    run_trainer(cfg, callbacks=[_StampedReport()], results=results)  # raises if the run fails
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], storage: str, name: str) -> Config:

@@ -45,6 +45,22 @@ class Stage:
     augment: bool = True  # False: whole images, no crop/scale/flip
 
 
+@dataclass(frozen=True)
+class SharedStage:
+    """A training stage whose result other runs and trials reuse (`state/sharing.py`).
+
+    name: what the result is (e.g. `prn-base`); settings: every setting the stage's training
+    reads, as flat `section.key` values (the result's key, with the dataset and the seed);
+    prefixes: the method's parameters and buffers it produces (`base.`); version: the stage
+    code's version, raised whenever what the stage computes changes.
+    """
+
+    name: str
+    settings: dict[str, Any]
+    prefixes: tuple[str, ...]
+    version: str
+
+
 class Step(Protocol):
     """What a training step may ask of the loop (see `raysegbg.train.StepRunner`)."""
 
@@ -122,6 +138,11 @@ class Method(nn.Module):
     def enter_stage(self, stage: Stage, run: StageRun) -> None:
         """Runs on every rank when a stage starts (or a run resumes inside it), before the
         stage's optimisers are built: e.g. choose which networks train, load pseudo-labels."""
+
+    def shared_stage(self, stage: Stage) -> SharedStage | None:
+        """Whether `stage` can be reused by runs and trials that agree on its settings (and
+        how); None: it is always computed by the run itself."""
+        return None
 
     def stage_dataset(self, stage: Stage, run: StageRun) -> Any:
         """The rows a training stage reads (after `enter_stage`): by default the stage's share

@@ -217,4 +217,9 @@ def start_service(name: str, storage_path: str, lease_s: float = LEASE_S):
 
     remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(StageResults)
     root = str(storage.join(storage_path, RESULTS_DIR))
-    return remote.options(name=f"results-{name}", namespace="raysegbg").remote(root, lease_s)
+    return remote.options(name=service_name(name), namespace="raysegbg").remote(root, lease_s)
+
+
+def service_name(name: str) -> str:
+    """The actor name of `start_service(name, ...)` (namespace `raysegbg`)."""
+    return f"results-{name}"

@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 from raysegbg import dist
-from raysegbg.config import Config
+from raysegbg.config import Config, to_dict
 from raysegbg.data.loader import in_holdout, not_in_holdout
 from raysegbg.errors import RaysegbgError
-from raysegbg.methods.base import Batch, Method, Stage, StageRun, StepInfo
+from raysegbg.methods.base import Batch, Method, SharedStage, Stage, StageRun, StepInfo
 from raysegbg.methods.losses import cross_entropy, soft_dice
 from raysegbg.methods.patch_thresholds import WHOLE_IMAGE, foreground_iou, patch_map, threshold_grid
 from raysegbg.methods.prn.bases import load_base, tb_rows
@@ -126,6 +126,29 @@ class Prn(Method):
             stages.append(PrnStage(f"fold {k + 1} pseudo-labels", 0, labeled, False, "labels", k))
         final = PrnStage("base", p.base_epochs, part="base")
         return [*stages, final, dataclasses.replace(refine, keep=None)]
+
+    BASE_VERSION = "1"  # raise when what the base stage trains changes
+
+    def shared_stage(self, stage: Stage) -> SharedStage | None:
+        """The base stage (not a fold's): trials of a search over the refiner's settings, and
+        later runs, reuse one trained base. Its key holds every setting it trains by."""
+        if stage.part != "base" or not stage.epochs or stage.fold is not None:
+            return None
+        cfg, p = self.cfg, self.params
+        settings = {f"{section}.{k}": v for section in ("data", "model", "optim")
+                    for k, v in to_dict(cfg)[section].items()}  # fmt: skip
+        for key in ("workers", "prefetch", "cache"):  # speed only
+            settings.pop(f"data.{key}")
+        train = cfg.train
+        settings.update({
+            "train.batch_size": train.batch_size, "train.steps_per_epoch": train.steps_per_epoch,
+            "train.amp": train.amp, "scaling.workers": cfg.scaling.workers,
+            "scaling.use_gpu": cfg.scaling.use_gpu, "logging.score": cfg.logging.score,
+            "method.prn.base_epochs": p.base_epochs, "method.prn.holdout": p.holdout,
+            "method.prn.holdout_group": p.holdout_group, "method.prn.dice_weight": p.dice_weight,
+            "method.prn.cross_fit": p.cross_fit,
+        })  # fmt: skip
+        return SharedStage("prn-base", settings, ("base.",), self.BASE_VERSION)
 
     def use_stage(self, name: str) -> None:
         """Predict, label and train as stage `name` does (checkpoints, tests)."""

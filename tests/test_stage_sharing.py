@@ -1,0 +1,110 @@
+"""Stage results reused across runs (prn's base): same results as training it, keyed right."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from raysegbg.checkpoint import list_checkpoints, load_state
+from raysegbg.config import load_config
+from raysegbg.data.synthetic import make_dataset
+from raysegbg.local import train_local
+from raysegbg.state.results import list_results
+from tests.conftest import tiny_overrides
+
+PRN = {"method.name": "prn", "method.prn.base_epochs": 2, "method.prn.patch_sizes": "[8,16]",
+       "optim.name": "sgd", "optim.lr": 0.05, "train.epochs": 2}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "contrast"
+    make_dataset("varying_contrast", out, n=48, size=32, seed=0)
+    return out
+
+
+def run(data: Path, root: Path, name: str, **extra) -> tuple[dict, list[str], Path]:
+    lines: list[str] = []
+    cfg = load_config(None, tiny_overrides(data, root, **{**PRN, "logging.name": name, **extra}))
+    metrics, host = train_local(cfg, root / name, log=lines.append)
+    return metrics, lines, host.run_dir
+
+
+def base(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_state(list_checkpoints(run_dir)[-1][0])["method"]
+    return {k: v for k, v in state.items() if k.startswith("base.")}
+
+
+def test_a_base_is_trained_once_and_reused_with_the_same_results(data, tmp_path, capsys):
+    _, first, a = run(data, tmp_path, "a")
+    assert any("computing stage result prn-base-" in line for line in first)
+    assert any("published stage result" in line for line in first)
+    # other refiner settings: the base is loaded, its epochs are not trained again
+    other = {"method.prn.patch_sizes": "[8]", "method.prn.pseudo_weight": 0.5}
+    reused, lines, b = run(data, tmp_path, "b", **other)
+    assert any("reused stage result prn-base-" in line for line in lines)
+    assert not any(line.startswith("[base] epoch") for line in lines)
+    assert [m["epoch"] for _, m in list_checkpoints(b)][-1] == 5  # base 2, labels 1, refine 2
+    for key, value in base(a).items():
+        assert torch.equal(value, base(b)[key]), key
+    # the same run trained in full gives the same weights and metrics, to the bit
+    fresh, lines, c = run(data, tmp_path, "c", **other, **{"train.reuse_stages": "false"})
+    assert any(line.startswith("[base] epoch") for line in lines)
+    for key in ("val/miou", "val/fg_dice", "train/loss", "step", "best_score"):
+        assert reused[key] == fresh[key], key
+    fresh_state = load_state(list_checkpoints(c)[-1][0])["method"]
+    for key, value in load_state(list_checkpoints(b)[-1][0])["method"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, fresh_state[key]), key
+    # listed with the settings that made it and the runs that used it
+    (found,) = list_results(str(tmp_path))
+    assert found["stage"] == "prn-base" and found["run"] == "a" and found["users"] == ["b"]
+    assert found["settings"]["method.prn.base_epochs"] == 2 and found["bytes"] > 0
+    assert "method.prn.patch_sizes" not in found["settings"]
+    from raysegbg.cli import main
+
+    capsys.readouterr()
+    assert main(["state", "ls", "--storage", str(tmp_path)]) == 0
+    assert found["key"] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"train.seed": 1}, {"method.prn.holdout": 0.4}, {"model.decoder_channels": "[16,16,8]"},
+     {"data": "other"}],  # fmt: skip
+    ids=["seed", "base-setting", "model", "dataset"],
+)
+def test_a_changed_key_trains_the_base_again(data, tmp_path, change):
+    run(data, tmp_path, "a")
+    change = dict(change)
+    if change.pop("data", None):
+        data = tmp_path / "other"
+        make_dataset("varying_contrast", data, n=48, size=32, seed=1)
+    _, lines, _ = run(data, tmp_path, "b", **change)
+    assert any("computing stage result" in line for line in lines)
+    assert len(list_results(str(tmp_path))) == 2
+
+
+def test_a_failed_producer_leaves_nothing_published(data, tmp_path, monkeypatch):
+    """A run dying inside the base stage publishes nothing; the next run computes it."""
+    from raysegbg import train
+
+    calls = {"n": 0}
+    real = train.run_epoch
+
+    def crash_second(trainer, writer):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed")
+        return real(trainer, writer)
+
+    monkeypatch.setattr(train, "run_epoch", crash_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(data, tmp_path, "a")
+    assert list_results(str(tmp_path)) == []
+    monkeypatch.setattr(train, "run_epoch", real)
+    _, lines, _ = run(data, tmp_path, "b")
+    assert any("computing stage result" in line for line in lines)
+    meta = json.loads(next((tmp_path / "stage_results").glob("*/meta.json")).read_text())
+    assert meta["run"] == "b"
