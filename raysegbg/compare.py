@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,12 +135,17 @@ def run_compare(opts: CompareOptions, log=print) -> Path:
 def _train_cells(todo: dict[Cell, Config], max_concurrent: int, folder: Path) -> None:
     import ray.tune
 
+    from raysegbg.state.results import service_name, start_service
     from raysegbg.tune import DRIVER_RESOURCES, plan_resources
 
     by_name = {c.name: to_dict(cfg) for c, cfg in todo.items()}
     first = next(iter(by_name.values()))
     _, concurrent = plan_resources(first, max_concurrent, len(by_name))
-    driver = ray.tune.with_parameters(_cell_driver, configs=by_name)
+    # a method and its control at one seed share what their settings share (prn's base)
+    service_id = f"compare-{folder.name}-{uuid.uuid4().hex[:8]}"
+    service = start_service(service_id, str(folder.parent))  # noqa: F841 (kept alive)
+    driver = ray.tune.with_parameters(_cell_driver, configs=by_name,
+                                      results=service_name(service_id))  # fmt: skip
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(driver, DRIVER_RESOURCES),
         param_space={"cell": ray.tune.grid_search(sorted(by_name))},
@@ -172,13 +178,15 @@ def _progress(total: int) -> Any:
     return Progress()
 
 
-def _cell_driver(params: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
+def _cell_driver(
+    params: dict[str, Any], configs: dict[str, dict[str, Any]], results: str | None = None
+) -> None:
     from raysegbg.ray_train import run_trainer
     from raysegbg.tune import TRIAL_POLL_S
 
     cfg = from_dict(configs[params["cell"]])
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = TRIAL_POLL_S  # as a search's trials
-    result = run_trainer(cfg)
+    result = run_trainer(cfg, results=results)
     if result.error:
         raise result.error
 
