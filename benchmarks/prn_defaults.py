@@ -5,12 +5,14 @@ figures. Here every variant is scored on the validation split only (the test spl
 read): per seed, one prn run with the defaults trains the base; the three other variants train
 their refiner on that same base (`method.prn.base_checkpoint`), so only the refiner setting
 differs. Score: validation mIoU and foreground Dice of each run's best checkpoint (by val mIoU).
-Task: the built-in `varying_contrast` set, in-process runs.
+Task: the built-in `varying_contrast` set, or with `--task mri-brain` the MRI brain (mricron's
+ch2 + ch2bet, needs mricron-data); in-process runs.
 
 Goal (exit 1 if missed): the defaults have the highest mean validation mIoU, within 0.2 points
 (×100) of the best variant.
 
-    python benchmarks/prn_defaults.py [--seeds 0 1 2] [--base-epochs 6] [--epochs 6]
+    python benchmarks/prn_defaults.py [--task contrast|mri-brain] [--seeds 0 1 2]
+                                      [--base-epochs 6] [--epochs 6]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import check, report
+from common import MRICRON, check, make_mri_brain, report
 
 from raysegbg.config import load_config
 from raysegbg.data.synthetic import make_dataset
@@ -45,13 +47,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     parser.add_argument("--n", type=int, default=600, help="images in the synthetic set")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--task", choices=["contrast", "mri-brain"], default="contrast")
     args = parser.parse_args()
     scores: dict[tuple[float, bool], dict[str, list[float]]] = {
         v: {"miou": [], "fg_dice": []} for v in VARIANTS
     }
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "vc"
-        make_dataset("varying_contrast", data, n=args.n, size=args.size, seed=0)
+        data = Path(tmp) / "data"
+        if args.task == "mri-brain":
+            if not (MRICRON / "ch2bet.nii.gz").is_file():
+                print("mri-brain needs mricron-data (apt-get install mricron-data)")
+                return 1
+            make_mri_brain(data, args.size)
+        else:
+            make_dataset("varying_contrast", data, n=args.n, size=args.size, seed=0)
         common = [f"data.path={data}", "method.name=prn", "model.encoder_depth=4",
                   "model.decoder_channels=[64,32,16,16]", f"train.epochs={args.epochs}",
                   f"method.prn.base_epochs={args.base_epochs}", "train.batch_size=16",
@@ -76,7 +85,7 @@ def main() -> int:
                       f"fg Dice {100 * got['fg_dice']:.2f}  ({time.perf_counter() - start:.0f} s)",
                       flush=True)  # fmt: skip
 
-    print(f"\nvalidation split, seeds {args.seeds}; base {args.base_epochs} + refiner "
+    print(f"\n{args.task}: validation split, seeds {args.seeds}; base {args.base_epochs} + refiner "
           f"{args.epochs} epochs x {args.steps} steps; mean ± std (x100)\n")  # fmt: skip
     print("| variant | val mIoU | val fg Dice |\n|---|---:|---:|")
     means = {}

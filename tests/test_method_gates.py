@@ -82,8 +82,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
 ):
     extra = {"method.name": method, "train.epochs": 3, "train.steps_per_epoch": 2,
              "method.colab.update_interval": 1, "logging.image_every": 100}  # fmt: skip
-    if method == "prn":
-        extra.update({"method.prn.base_epochs": 2, "train.epochs": 2})
+    if method == "prn":  # the second run trains its own base (not the first run's, reused)
+        extra.update({"method.prn.base_epochs": 2, "train.epochs": 2,
+                      "train.reuse_stages": "false"})  # fmt: skip
     if method == "mcibi":
         extra.update({"method.mcibi.dims": 16, "method.mcibi.attention_dims": 8})
     if method == "rrn":  # resumed after the warm-up epoch: filtering starts in the resumed part

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raysegbg.checkpoint import list_checkpoints, load_state
 from raysegbg.config import load_config
@@ -71,8 +72,12 @@ def test_a_base_is_trained_once_and_reused_with_the_same_results(data, tmp_path,
 
 @pytest.mark.parametrize(
     "change",
-    [{"train.seed": 1}, {"method.prn.holdout": 0.4}, {"model.decoder_channels": "[16,16,8]"},
-     {"data": "other"}],  # fmt: skip
+    [
+        {"train.seed": 1},
+        {"method.prn.holdout": 0.4},
+        {"model.decoder_channels": "[16,16,8]"},
+        {"data": "other"},
+    ],  # fmt: skip
     ids=["seed", "base-setting", "model", "dataset"],
 )
 def test_a_changed_key_trains_the_base_again(data, tmp_path, change):
@@ -108,3 +113,29 @@ def test_a_failed_producer_leaves_nothing_published(data, tmp_path, monkeypatch)
     assert any("computing stage result" in line for line in lines)
     meta = json.loads(next((tmp_path / "stage_results").glob("*/meta.json")).read_text())
     assert meta["run"] == "b"
+
+
+@pytest.mark.slow
+def test_two_concurrent_trials_of_a_search_train_the_base_once(ray_local, data, tmp_path):
+    """Two prn trials at once (other patch sizes, one base setting) ask the search's actor:
+    one trains the base and publishes it, the other waits for it and reuses it."""
+    from raysegbg.tune import SearchOptions, run_search
+
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  method.prn.patch_sizes: "
+                     "{type: categorical, choices: ['[8]', '[16]']}\n")  # fmt: skip
+    overrides = tiny_overrides(data, tmp_path / "runs", **{**PRN, "scaling.workers": 1})
+    opts = SearchOptions(space=str(space), overrides=overrides, samples=2, grid=True,
+                         max_concurrent=2, scheduler="none", name="s")  # fmt: skip
+    found = run_search(opts)
+    assert [row.status for row in found.rows] == ["finished", "finished"]
+    (result,) = list_results(str(tmp_path / "runs"))
+    trials = sorted(row.name for row in found.rows)
+    assert sorted([result["run"], *result["users"]]) == trials  # one made it, one used it
+    epochs = {}
+    for row in found.rows:
+        acc = EventAccumulator(str(Path(found.search_dir) / row.name / "tb"))
+        acc.Reload()
+        epochs[row.name] = [e.step for e in acc.Scalars("perf/epoch_s")]
+    assert epochs[result["run"]] == [1, 2, 3, 4, 5]
+    assert epochs[result["users"][0]] == [3, 4, 5]  # base epochs 1-2 not trained again
