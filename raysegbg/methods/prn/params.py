@@ -32,7 +32,7 @@ class PrnParams:
         False, "refine on augmented crops (data.*), pseudo-labels searched per batch"
     )
     bias_augment: float = param(
-        1.0, "std (logits) of a random offset on each refiner training image's base logit, one "
+        0.0, "std (logits) of a random offset on each refiner training image's base logit, one "
         "value per largest patch plus one per image, so the refiner learns to undo regional "
         "bias (a constant shift only moves a patch's optimal threshold); 0: off",
     )  # fmt: skip
