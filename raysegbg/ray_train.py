@@ -260,8 +260,9 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None, results: str | 
     needs_state = method_class(cfg.method.name).needs_shared_state
     if needs_state:  # one actor per run, owned by this driver, killed when the run ends
         # keep the handle: an unreferenced (non-detached) actor is destroyed right away
-        actor = state_actor.create(cfg.logging.name, run_dir / "state")  # noqa: F841
-        loop_config["state_actor"] = cfg.logging.name
+        state_name = state_actor.unique_name(cfg.logging.name)
+        actor = state_actor.create(state_name, run_dir / "state")  # noqa: F841
+        loop_config["state_actor"] = state_name
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config=loop_config,
@@ -291,7 +292,7 @@ def run_trainer(cfg: Config, callbacks: list[Any] | None = None, results: str | 
         return trainer.fit()
     finally:
         if needs_state:
-            state_actor.destroy(cfg.logging.name)
+            state_actor.destroy(state_name)
 
 
 def _num_workers(cfg: Config) -> int | tuple[int, int]:

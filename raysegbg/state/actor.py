@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,23 @@ NAMESPACE = "raysegbg"
 
 def actor_name(run_name: str) -> str:
     return f"state-{run_name}"
+
+
+def unique_name(run_name: str) -> str:
+    """A name for one driver's actor of the run: two drivers started with the same run name
+    never share an actor, nor kill each other's."""
+    return f"{run_name}-{uuid.uuid4().hex[:8]}"
+
+
+def alive(run_name: str) -> list[str]:
+    """Names of the live state actors of drivers of this run (any of them)."""
+    import ray
+
+    prefix = actor_name(run_name) + "-"
+    found = ray.util.list_named_actors(all_namespaces=True)
+    return [
+        a["name"] for a in found if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)
+    ]
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
