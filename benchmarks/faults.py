@@ -168,7 +168,8 @@ def actor_kill(ovr: list[str], root: Path, args) -> Row:
     seen: dict = {}
 
     def kill() -> None:
-        actor = state_actor.lookup("mcibi-actor-kill")
+        (name,) = state_actor.alive("mcibi-actor-kill")  # this driver's actor of the run
+        actor = ray.get_actor(name, namespace=state_actor.NAMESPACE)
         pid = ray.get(actor.info.remote())["pid"]
         ray.kill(actor, no_restart=False)  # Ray restarts it; it reloads its last snapshot
         for _ in range(60):  # back within a minute, from its snapshot
