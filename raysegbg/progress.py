@@ -13,10 +13,11 @@ from typing import SupportsFloat
 
 
 def progress_line(m: dict[str, float], epochs: int) -> str:
-    """The end-of-epoch line."""
+    """The end-of-epoch line (a one-shot stage trains nothing: no loss)."""
     nan = float("nan")
+    loss = f"loss {m['train/loss']:.4f}  " if "train/loss" in m else ""
     return (
-        f"epoch {int(m['epoch']):>3}/{epochs}  loss {m.get('train/loss', nan):.4f}  "
+        f"epoch {int(m['epoch']):>3}/{epochs}  {loss}"
         f"val miou {m.get('val/miou', nan):.4f}  fg_dice {m.get('val/fg_dice', nan):.4f}  "
         f"fpr {m.get('val/fpr', nan):.4f}  {m['perf/images_per_s']:.0f} img/s  "
         f"{m['perf/epoch_s']:.1f}s"

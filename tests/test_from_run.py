@@ -197,3 +197,14 @@ def test_progress_lines_every_n_seconds():
     quiet.update(1, None)
     assert len(lines) == 4
     assert [duration(s) for s in (42, 185, 3720)] == ["42s", "3m05s", "1h02m"]
+
+
+def test_a_one_shot_stage_line_has_no_loss():
+    from raysegbg.progress import progress_line
+
+    metrics = {"epoch": 3, "val/miou": 0.9, "val/fg_dice": 0.8, "val/fpr": 0.01,
+               "perf/images_per_s": 100.0, "perf/epoch_s": 1.0}  # fmt: skip
+    assert progress_line(metrics, 5) == (
+        "epoch   3/5  val miou 0.9000  fg_dice 0.8000  fpr 0.0100  100 img/s  1.0s"
+    )
+    assert "loss 0.5000  val" in progress_line({**metrics, "train/loss": 0.5}, 5)
