@@ -118,16 +118,20 @@ def measure(path: Path, reader: str, workers: int, steps: int, batch: int) -> di
     data = SegDataset(path, "train", reader=reader, cache=cfg.data.cache)
     train = TrainLoader(data, cfg.data, batch, steps + 10, seed=0)
     loader = StreamLoader(train, None, workers, cfg.data.prefetch)
-    batches = iter(loader.epoch(0))
-    for _ in range(10):  # warm-up: helpers start, the first row groups are read
+    rate = _rate(iter(loader.epoch(0)), steps, batch)
+    done.set()
+    time.sleep(0.05)
+    return {"images_per_s": rate, "peak_mb": peak[0] / 2**20}
+
+
+def _rate(batches, steps: int, batch: int) -> float:
+    """Images/s over `steps` batches, after 10 of warm-up (helpers start, first reads)."""
+    for _ in range(10):
         next(batches)
     start = time.perf_counter()
     for _ in range(steps):
         next(batches)
-    rate = steps * batch / (time.perf_counter() - start)
-    done.set()
-    time.sleep(0.05)
-    return {"images_per_s": rate, "peak_mb": peak[0] / 2**20}
+    return steps * batch / (time.perf_counter() - start)
 
 
 def measure_ray_data(path: Path, steps: int, batch: int) -> dict:
@@ -161,12 +165,7 @@ def measure_ray_data(path: Path, steps: int, batch: int) -> dict:
     files = [str(f) for f in split_shards(path, "train")]
     data = ray.data.read_parquet(files, columns=["image", "mask"]).map_batches(prepare)
     batches = iter(data.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=64))
-    for _ in range(10):
-        next(batches)
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(batches)
-    rate = steps * batch / (time.perf_counter() - start)
+    rate = _rate(batches, steps, batch)
     done.set()
     ray.shutdown()
     return {"images_per_s": rate, "peak_mb": peak[0] / 2**20}

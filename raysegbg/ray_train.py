@@ -159,8 +159,10 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
         from raysegbg.state.sharing import Sharing, local_service
 
         name = loop_config.get("results_actor")  # a search's service, else the run's own
-        service = ray.get_actor(name, namespace="raysegbg") if name else local_service(
-            cfg.logging.storage_path)  # fmt: skip
+        if name:
+            service = ray.get_actor(name, namespace=state_actor.NAMESPACE)
+        else:
+            service = local_service(cfg.logging.storage_path)
         ctx.sharing = Sharing(service, cfg.logging.name, ctx.rank, ctx.log)
     train_worker(cfg, ctx)
 

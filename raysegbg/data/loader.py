@@ -88,11 +88,12 @@ def check_rows(path: str | Path, split: str, labeled_fraction: float, *rows: str
 STREAM_ABOVE = 2 << 30  # reader auto: stream a split whose decoded images would pass this
 
 
-def streamed(reader: str, path: str | Path, split: str) -> bool:
-    """Whether `reader` (data.reader) reads this split by row groups on demand."""
+def streamed(reader: str, path: str | Path, split: str, meta: DatasetMeta | None = None) -> bool:
+    """Whether `reader` (data.reader) reads this split by row groups on demand (`meta`: the
+    dataset's, when already read)."""
     if reader != "auto":
         return reader == "stream"
-    meta = read_meta(path)
+    meta = meta or read_meta(path)
     if meta.image_size is None:  # sizes vary: judge by the encoded bytes (PNG ~ 1/10)
         return sum(pq_bytes(f) for f in split_shards(path, split)) * 10 > STREAM_ABOVE
     h, w = meta.image_size
@@ -125,7 +126,7 @@ class SegDataset:
         if rows not in ROWS:
             raise RaysegbgError(f"rows={rows!r}: use one of {', '.join(ROWS)}")
         self.meta: DatasetMeta = read_meta(path)
-        stream = streamed(reader, path, split)
+        stream = streamed(reader, path, split, self.meta)
         self.source = ParquetRows.index(path, split) if stream else MemoryRows(path, split)
         ids, labels, has_mask = self.source.take_columns()
         kinds = [_row_kind(ids[i], m, labeled_fraction) for i, m in enumerate(has_mask)]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from raysegbg import storage
+from raysegbg.state.actor import NAMESPACE
 from raysegbg.storage import Location
 
 RESULTS_DIR = "stage_results"
@@ -113,14 +114,11 @@ def obtain(
     Returns (where the result's files are, whether this caller computed them).
     """
     owner = owner or uuid.uuid4().hex[:12]
-    ask = _caller(service, call)
+    ask = caller(service, call)
     while True:
-        answer = ask("claim", key, owner)
+        answer = settle(ask, key, owner, poll_s)
         if answer["state"] == "ready":
             return storage.location(answer["path"]), False
-        if answer["state"] == "wait":
-            time.sleep(poll_s)
-            continue
         dest = storage.location(answer["path"])
         if _compute(ask, key, owner, dest, compute, answer["lease_s"]):
             return dest, True
@@ -128,22 +126,44 @@ def obtain(
         # it over: their result is the same; wait for it rather than write over it
 
 
-def _compute(ask, key: str, owner: str, dest: Location, compute, lease_s: float) -> bool:
-    """Compute, write and publish under `owner`'s claim; False when the claim was lost."""
+def settle(
+    ask, key: str, owner: str, poll_s: float, on_wait: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Claim `key` until it is published (`ready`) or `owner` holds it (`compute`); while
+    another live owner computes it, wait (telling `on_wait` the holder, once)."""
+    told = False
+    while True:
+        answer = ask("claim", key, owner)
+        if answer["state"] != "wait":
+            return answer
+        if on_wait is not None and not told:
+            on_wait(answer["holder"])
+            told = True
+        time.sleep(poll_s)
+
+
+def keep_claim(ask, key: str, owner: str, lease_s: float) -> threading.Event:
+    """Renew `owner`'s claim well inside the lease from a background thread, until the
+    returned event is set."""
     stop = threading.Event()
 
-    def keep_claim() -> None:  # renew well inside the lease while computing
+    def renew() -> None:
         while not stop.wait(lease_s / 4):
             ask("renew", key, owner)
 
-    renewer = threading.Thread(target=keep_claim, daemon=True)
-    renewer.start()
+    threading.Thread(target=renew, daemon=True).start()
+    return stop
+
+
+def _compute(ask, key: str, owner: str, dest: Location, compute, lease_s: float) -> bool:
+    """Compute, write and publish under `owner`'s claim; False when the claim was lost."""
+    stop = keep_claim(ask, key, owner, lease_s)
     try:
         with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
             meta = compute(Path(tmp))
             if not ask("renew", key, owner):
                 return False
-            _write_data(Path(tmp), dest)
+            write_data(Path(tmp), dest)
         return ask("publish", key, owner, meta)
     except BaseException:
         ask("release", key, owner)
@@ -152,7 +172,7 @@ def _compute(ask, key: str, owner: str, dest: Location, compute, lease_s: float)
         stop.set()
 
 
-def _write_data(src: Path, dest: Location) -> None:
+def write_data(src: Path, dest: Location) -> None:
     """The result's files under `<key>/data`: a local folder appears whole (temp + rename);
     on an object store the files are uploaded and `meta.json`, written after, marks them."""
     if storage.is_uri(dest):
@@ -172,7 +192,10 @@ def _write_data(src: Path, dest: Location) -> None:
         raise
 
 
-def _caller(service: Any, call: Callable[[Any], Any]) -> Callable[..., Any]:
+def caller(service: Any, call: Callable[[Any], Any]) -> Callable[..., Any]:
+    """`ask(method, *args)`: the call on a StageResults, or on an actor handle of one (its
+    return passed through `call`, e.g. `ray.get`)."""
+
     def ask(method: str, *args: Any) -> Any:
         fn = getattr(service, method)
         remote = getattr(fn, "remote", None)
@@ -217,9 +240,9 @@ def start_service(name: str, storage_path: str, lease_s: float = LEASE_S):
 
     remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(StageResults)
     root = str(storage.join(storage_path, RESULTS_DIR))
-    return remote.options(name=service_name(name), namespace="raysegbg").remote(root, lease_s)
+    return remote.options(name=service_name(name), namespace=NAMESPACE).remote(root, lease_s)
 
 
 def service_name(name: str) -> str:
-    """The actor name of `start_service(name, ...)` (namespace `raysegbg`)."""
+    """The actor name of `start_service(name, ...)` (namespace `NAMESPACE`)."""
     return f"results-{name}"

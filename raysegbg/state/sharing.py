@@ -17,7 +17,6 @@ import hashlib
 import json
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,17 @@ import torch
 
 from raysegbg import dist, storage
 from raysegbg.checkpoint import load_state, save_checkpoint
-from raysegbg.data.format import META_FILE, read_meta, split_shards
+from raysegbg.data.format import META_FILE, DatasetMeta
 from raysegbg.methods.base import SharedStage
-from raysegbg.state.results import RESULTS_DIR, StageResults, _caller, _write_data, stage_key
+from raysegbg.state.results import (
+    RESULTS_DIR,
+    StageResults,
+    caller,
+    keep_claim,
+    settle,
+    stage_key,
+    write_data,
+)
 
 POLL_S = 1.0
 
@@ -36,13 +43,10 @@ def dataset_fingerprint(path: str | Path) -> str:
     """What identifies a dataset's contents cheaply: its dataset.json and every shard's size
     (a dataset made again differently at the same path gets another fingerprint)."""
     text = storage.read_text(storage.join(path, META_FILE))
-    meta = read_meta(path)
     sizes = []
-    for split in meta.splits:
-        if meta.splits[split]:
-            for shard in split_shards(path, split):
-                fs, fs_path = storage.resolve(shard)
-                sizes.append((shard.name, fs.get_file_info(fs_path).size))
+    for name in DatasetMeta.from_dict(json.loads(text)).shards:
+        fs, fs_path = storage.resolve(storage.join(path, name))
+        sizes.append((name, fs.get_file_info(fs_path).size))
     return hashlib.sha256(json.dumps([text, sizes]).encode()).hexdigest()[:20]
 
 
@@ -57,10 +61,10 @@ class Sharing:
     (rank 0 only talks to it); `owner` names this run (its claims survive a restart)."""
 
     def __init__(self, service: Any, owner: str, rank: int, log=print, poll_s: float = POLL_S):
-        self.ask = _caller(service, _ray_get) if rank == 0 else None
+        self.ask = caller(service, _ray_get) if rank == 0 else None
         self.owner, self.rank, self.log, self.poll_s = owner, rank, log, poll_s
-        self.held: dict[str, Any] | None = None  # the claim being computed: key, path
-        self._stop = threading.Event()
+        self.held: str | None = None  # the key whose claim this run holds while computing
+        self._renewing: threading.Event | None = None  # set: stop renewing the claim
 
     def key(self, share: SharedStage, data_path: str, seed: int) -> str:
         return stage_key(share.name, dataset_fingerprint(data_path), share.settings, seed,
@@ -81,28 +85,20 @@ class Sharing:
         return state
 
     def _claim(self, key: str) -> str | None:
-        waited = False
-        while True:
-            answer = self.ask("claim", key, self.owner)
-            if answer["state"] == "ready":
-                return answer["path"]
-            if answer["state"] == "compute":
-                self.held = {"key": key, "path": answer["path"]}
-                self._renew(key, answer["lease_s"])
-                return None
-            if not waited:
-                self.log(f"waiting for stage result {key}: {answer['holder']} computes it")
-                waited = True
-            time.sleep(self.poll_s)
+        def waiting(holder: str) -> None:
+            self.log(f"waiting for stage result {key}: {holder} computes it")
 
-    def _renew(self, key: str, lease_s: float) -> None:
-        self._stop.clear()
+        answer = settle(self.ask, key, self.owner, self.poll_s, waiting)
+        if answer["state"] == "ready":
+            return answer["path"]
+        self.held = key
+        self._renewing = keep_claim(self.ask, key, self.owner, answer["lease_s"])
+        return None
 
-        def keep() -> None:
-            while not self._stop.wait(lease_s / 4):
-                self.ask("renew", key, self.owner)
-
-        threading.Thread(target=keep, daemon=True).start()
+    def _stop_renewing(self) -> None:
+        if self._renewing is not None:
+            self._renewing.set()
+            self._renewing = None
 
     def publish(self, key: str, state: dict[str, Any], meta: dict[str, Any]) -> bool:
         """At the stage's end (rank 0): write and publish the result; False when it was not
@@ -110,20 +106,20 @@ class Sharing:
         if self.rank != 0:
             return False
         answer = self.ask("claim", key, self.owner)  # held, taken back after a restart, or done
-        self._stop.set()
+        self._stop_renewing()
         self.held = None
         if answer["state"] != "compute":
             return False
         with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
             save_checkpoint(Path(tmp), state, meta)
-            _write_data(Path(tmp), storage.location(answer["path"]))
+            write_data(Path(tmp), storage.location(answer["path"]))
         return bool(self.ask("publish", key, self.owner, meta))
 
     def abandon(self) -> None:
         """The run failed or stopped while computing: another run or trial may take over."""
-        self._stop.set()
+        self._stop_renewing()
         if self.held is not None and self.rank == 0:
-            self.ask("release", self.held["key"], self.owner)
+            self.ask("release", self.held, self.owner)
         self.held = None
 
 
