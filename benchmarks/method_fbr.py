@@ -63,7 +63,7 @@ def pseudo_scalars(run: Path) -> dict[str, float]:
 def context_fp(run: Path, maps: dict[str, np.ndarray]) -> float:
     """Share of co-occurring background pixels (a class's own texture) the pseudo masks call
     foreground, over every training image."""
-    store = PseudoLabelStore.load(run / "state" / "latest")
+    store = PseudoLabelStore.load(run / "state" / "labels")
     hit = total = 0
     for key in store.ids():
         context = maps[key.rsplit("@", 1)[0]] > 0

@@ -6,11 +6,17 @@ as parallel trials on Ray (a Tune grid over the cells). Each run keeps its best 
 `logging.score` on the validation split; when all have finished, each final run is scored once
 on the test split, and `raysegbg.compare_stats` pairs them by seed against the baseline and
 against their control. Re-running the same command resumes: a finished cell is not retrained.
+
+With `--tune N`, each method's settings are first chosen by an N-trial search of its space
+(`search_spaces/<method>.yaml`) on the validation split, at a seed none of the final runs uses;
+the method and its control then run with the chosen settings (the control switching only its
+mechanism off).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -27,6 +33,8 @@ from raysegbg.registry import method_class, section_name
 from raysegbg.search_space import apply_params
 
 CONTROL = "control"
+TUNE_SEED = 1_000  # the tuning searches' train.seed: none of the final runs' seeds
+TUNED_FILE = "tuned.json"  # method -> the settings its search chose (a resumed compare reads it)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ class CompareOptions:
     address: str | None = None
     name: str = "compare"
     max_concurrent: int = 0
+    tune: int = 0  # trials of each method's search before the final runs; 0: no search
+    spaces: str = "search_spaces"  # where <method>.yaml is
 
 
 def cells(opts: CompareOptions) -> list[Cell]:
@@ -65,20 +75,25 @@ def cells(opts: CompareOptions) -> list[Cell]:
     return out
 
 
-def cell_config(opts: CompareOptions, cell: Cell, folder: str) -> Config:
-    """The run config of a cell: the user's config, the data, the method (its control's
-    settings for a control), the seed and the budget; the run named after the cell."""
-    values = [*opts.overrides, f"data.path={opts.data}", f"method.name={cell.method}",
-              f"train.seed={cell.seed}", f"logging.storage_path={folder}",
-              f"logging.name={cell.name}"]  # fmt: skip
-    if opts.budget:
-        values.append(f"train.epochs={opts.budget}")
+def method_overrides(opts: CompareOptions, method: str, seed: int, folder: str) -> list[str]:
+    """The user's settings, then the data, the method, the seed, the budget and the folder."""
+    values = [*opts.overrides, f"data.path={opts.data}", f"method.name={method}",
+              f"train.seed={seed}", f"logging.storage_path={folder}"]  # fmt: skip
+    return values + ([f"train.epochs={opts.budget}"] if opts.budget else [])
+
+
+def cell_config(opts: CompareOptions, cell: Cell, folder: str,
+                tuned: dict[str, Any] | None = None) -> Config:  # fmt: skip
+    """The run config of a cell: the user's config, the data, the method (with the settings
+    its search chose, if any; its control's settings for a control), the seed and the budget;
+    the run named after the cell."""
+    values = [*method_overrides(opts, cell.method, cell.seed, folder), f"logging.name={cell.name}"]
     cfg = load_config(opts.config, values)
-    if cell.variant != CONTROL:
-        return cfg
-    section = f"method.{section_name(cell.method)}"
-    control = {f"{section}.{k}": v for k, v in method_class(cell.method).control.items()}
-    return from_dict(apply_params(to_dict(cfg), control))
+    params = dict(tuned or {})
+    if cell.variant == CONTROL:
+        section = f"method.{section_name(cell.method)}"
+        params.update({f"{section}.{k}": v for k, v in method_class(cell.method).control.items()})
+    return from_dict(apply_params(to_dict(cfg), params)) if params else cfg
 
 
 def check_options(opts: CompareOptions) -> None:
@@ -94,6 +109,18 @@ def check_options(opts: CompareOptions) -> None:
         )
     if opts.budget < 0:
         raise RaysegbgError(f"--budget {opts.budget}: use a number of epochs >= 1 (0: config's)")
+    if opts.tune < 0:
+        raise RaysegbgError(f"--tune {opts.tune}: use a number of trials >= 1 (0: no search)")
+    for method in opts.methods if opts.tune else []:
+        if not space_file(opts, method).is_file():
+            raise RaysegbgError(
+                f"--tune: no search space for {method} in {opts.spaces}/ (expected "
+                f"{space_file(opts, method)}): pass --spaces DIR, or leave {method} out"
+            )
+
+
+def space_file(opts: CompareOptions, method: str) -> Path:
+    return Path(opts.spaces) / f"{section_name(method)}.yaml"
 
 
 def finished(cfg: Config) -> bool:
@@ -114,9 +141,10 @@ def run_compare(opts: CompareOptions, log=print) -> Path:
     check_options(opts)
     base = load_config(opts.config, opts.overrides)
     folder = Path(base.logging.storage_path).resolve() / opts.name
-    configs = {c: cell_config(opts, c, str(folder)) for c in cells(opts)}
-    for cfg in configs.values():  # every cell's input checked before Ray starts
-        preflight(cfg, opts.address)
+    for cell in cells(opts):  # every cell's input checked before Ray starts
+        preflight(cell_config(opts, cell, str(folder)), opts.address)
+    tuned = tune_methods(opts, folder, base.logging.score, log) if opts.tune else {}
+    configs = {c: cell_config(opts, c, str(folder), tuned.get(c.method)) for c in cells(opts)}
     todo = {c: cfg for c, cfg in configs.items() if not finished(cfg)}
     log(f"compare {opts.name}: {len(configs)} runs ({len(configs) - len(todo)} already done) "
         f"in {folder}")  # fmt: skip
@@ -129,7 +157,42 @@ def run_compare(opts: CompareOptions, log=print) -> Path:
             f"{len(missing)} run(s) did not finish ({', '.join(missing[:3])}): see their logs "
             f"under {folder}, then run the same command again to resume"
         )
-    return report(configs, folder, base.logging.score, log)
+    return report(configs, folder, base.logging.score, log, tuned, opts.tune)
+
+
+def tune_methods(opts: CompareOptions, folder: Path, score: str, log=print) -> dict[str, dict]:
+    """`--tune N`: each method's settings chosen by an N-trial search (Optuna + ASHA) of its
+    space, scored by `score` on the validation split at seed `TUNE_SEED`, with the comparison's
+    budget. The choices are kept in `tuned.json`: a resumed comparison does not search again
+    (an interrupted search is resumed)."""
+    from raysegbg.tune import SEARCH_FILE, SearchOptions, run_search
+
+    record = folder / TUNED_FILE
+    chosen: dict[str, dict] = json.loads(record.read_text()) if record.is_file() else {}
+    for method in opts.methods:
+        if method in chosen:
+            continue
+        name = f"tune-{section_name(method)}"
+        root = folder / "tune"
+        search = SearchOptions(
+            space=str(space_file(opts, method)), config=opts.config,
+            overrides=method_overrides(opts, method, TUNE_SEED, str(root)), samples=opts.tune,
+            name=name, address=opts.address, metric=score, max_concurrent=opts.max_concurrent,
+            resume=name if (root / name / SEARCH_FILE).is_file() else "",
+        )  # fmt: skip
+        log(f"compare: choosing {method}'s settings: {opts.tune} trials on validation")
+        best = run_search(search).best
+        if best is None:
+            raise RaysegbgError(
+                f"the search of {method}'s settings ended with no scored trial: see "
+                f"{root / name}, then run the same command again"
+            )
+        chosen[method] = {k: v for k, v in best.params.items() if k != "method.name"}
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(chosen, indent=1, default=str) + "\n")
+        tmp.replace(record)
+    return chosen
 
 
 def _train_cells(todo: dict[Cell, Config], max_concurrent: int, folder: Path) -> None:
@@ -191,7 +254,8 @@ def _cell_driver(
         raise result.error
 
 
-def report(configs: dict[Cell, Config], folder: Path, score: str, log=print) -> Path:
+def report(configs: dict[Cell, Config], folder: Path, score: str, log=print,
+           tuned: dict[str, dict] | None = None, trials: int = 0) -> Path:  # fmt: skip
     """Score each final run on the test split (read once here, by these runs only; each
     run's checkpoint was chosen by `score` on validation) and write the report."""
     from raysegbg.inference import evaluate_run
@@ -211,9 +275,19 @@ def report(configs: dict[Cell, Config], folder: Path, score: str, log=print) -> 
     note = (f"\ntest split, read once by each final run; checkpoints chosen by {score} on the "
             f"validation split; {seeds} seeds, paired by seed; differences in mIoU points with "
             "a 95 % t interval")  # fmt: skip
+    if tuned:
+        note += (f"\nsettings chosen on the validation split by a {trials}-trial search per "
+                 f"method (train.seed={TUNE_SEED}, not a final seed; {TUNED_FILE}):")  # fmt: skip
+        for method, params in tuned.items():
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
+            note += f"\n- {method}: {shown or 'its defaults (an empty space)'}"
     log(text + note)
     (folder / "compare.md").write_text(text + note + "\n")
     return folder
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 TB_DIR = "tb"  # the comparison's TensorBoard folder: one HParams session per method, the chart
@@ -282,6 +356,10 @@ def add_compare_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="a Ray cluster to join (default: a private local Ray)")
     p.add_argument("--name", default="compare", help="folder under logging.storage_path")
     p.add_argument("--max-concurrent", type=int, default=0)
+    p.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="choose each method's settings first: an N-trial search of "
+                   "<spaces>/<method>.yaml on the validation split (0: defaults)")  # fmt: skip
+    p.add_argument("--spaces", default="search_spaces", help="folder of the search spaces")
     p.set_defaults(func=cmd_compare)
 
 
@@ -295,7 +373,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     opts = CompareOptions(
         data=args.data, methods=methods, seeds=args.seeds, budget=args.budget,
         config=args.config, overrides=args.set, address=args.address, name=args.name,
-        max_concurrent=args.max_concurrent,
+        max_concurrent=args.max_concurrent, tune=args.tune, spaces=args.spaces,
     )  # fmt: skip
     run_compare(opts, log=lambda line: print(line, file=sys.stdout, flush=True))
     return 0

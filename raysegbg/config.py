@@ -169,8 +169,9 @@ class TrainConfig:
     )
     reuse_stages: bool = param(
         True,
-        "reuse a stage result (prn's base) that a run or trial with the same data, settings "
-        "and seed computed, from <logging.storage_path>/stage_results; false: always train it",
+        "reuse a stage result (prn's bases, fbr's CAM stage) that a run or trial with the same "
+        "data, settings and seed computed, from <logging.storage_path>/stage_results; false: "
+        "always train it",
     )
 
 

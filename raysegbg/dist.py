@@ -36,6 +36,11 @@ def global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Ten
     return local_sum * world_size() / total.clamp_min(1.0)
 
 
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     if not is_dist():
         return obj

@@ -150,11 +150,12 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
         # Train V2 tees print() to its log file and the console (printed twice): log instead
         log=logging.getLogger("raysegbg").info,
     )
-    if loop_config.get("state_actor") and ctx.rank == 0:
+    if loop_config.get("state_actor"):
         from raysegbg.state.actor import lookup
         from raysegbg.state.client import StateClient
 
-        ctx.state = StateClient(lookup(loop_config["state_actor"]), cfg.train.snapshot_every)
+        actor = lookup(loop_config["state_actor"])
+        ctx.state = StateClient(actor, cfg.train.snapshot_every, ctx.rank)
     if cfg.train.reuse_stages:
         from raysegbg.state.sharing import Sharing, local_service
 

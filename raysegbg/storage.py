@@ -14,10 +14,13 @@ Credentials come from each store's usual sources (AWS_ACCESS_KEY_ID, ~/.aws, ins
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -213,26 +216,56 @@ def upload_changed(src: Path, dest: Location, seen: dict[str, tuple[int, int]]) 
 
 
 # -- whole folders that must appear at once (the shared-state snapshots) ----------------------
-def publish_dir(src: Path, dest: Location) -> str:
-    """Publish a local folder as the new version of `dest`, all or nothing.
+@contextlib.contextmanager
+def staging(dest: Location) -> Iterator[Path]:
+    """A fresh local folder to write the next version of `dest` into (then `publish_dir`):
+    inside `dest` itself when it is local, so publishing is a rename; removed if left over."""
+    if is_uri(dest):
+        with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
+            yield Path(tmp)
+        return
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".stage-", dir=dest, ignore_cleanup_errors=True) as tmp:
+        yield Path(tmp)
 
-    An object store has no atomic folder rename, so each version goes to its own
-    `dest/v-<time>-<id>/` and the small file `dest/CURRENT` is switched to it last (one
-    whole-object write); older versions are deleted after that. Read with `fetch_published`.
+
+def publish_dir(src: Path, dest: Location) -> str:
+    """Publish a local folder as the new version of `dest`, all or nothing, with no moment
+    where `dest` has no complete version.
+
+    Each version goes to its own `dest/v-<time>-<id>/` (a rename when `src` is a `staging`
+    folder of a local `dest`, else a copy) and the small file `dest/CURRENT` is switched to it
+    last (one whole-file write); versions before the one it replaced are deleted after that
+    (a reader that resolved `CURRENT` just before the switch still finds its version). Read
+    with `published` or `fetch_published`.
     """
     version = f"v-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}"
-    upload_dir(src, join(dest, version))
+    target = join(dest, version)
+    previous = published(dest)
+    if not is_uri(dest) and Path(src).resolve().parent == Path(dest).resolve():
+        Path(src).rename(target)  # staged in place
+    else:
+        upload_dir(src, target)
     write_text(join(dest, CURRENT), version)
+    keep = {version, previous and previous.name}
     for entry in listdir(dest):
-        if entry.startswith("v-") and entry != version:
+        if entry.startswith("v-") and entry not in keep:
             delete_dir(join(dest, entry))
-    return str(join(dest, version))
+    return str(target)
+
+
+def published(src: Location) -> Location | None:
+    """The current version's folder of a `publish_dir` folder; None when there is none."""
+    pointer = join(src, CURRENT)
+    if not is_file(pointer):
+        return None
+    return join(src, read_text(pointer).strip())
 
 
 def fetch_published(src: Location, dest: Path) -> bool:
     """Download the current version of a `publish_dir` folder; False when there is none."""
-    pointer = join(src, CURRENT)
-    if not is_file(pointer):
+    current = published(src)
+    if current is None:
         return False
-    download_dir(join(src, read_text(pointer).strip()), dest)
+    download_dir(current, dest)
     return True

@@ -63,7 +63,7 @@ class WorkerContext:
     report: Callable[[dict[str, float], Path | None, str], None] = lambda m, c, n: None
     restore: Callable[[], dict[str, Any] | None] = lambda: None
     log: Callable[[str], None] = print
-    state: Any = None  # StateClient of the run's shared-state actor (rank 0 only), or None
+    state: Any = None  # StateClient of the run's shared-state actor (every rank), or None
     sharing: Any = None  # state.sharing.Sharing: stage results reused across runs, or None
 
 
@@ -335,6 +335,8 @@ def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 def train_worker(cfg: Config, ctx: WorkerContext) -> dict[str, float]:
     """Train from the last checkpoint (if any) to `cfg.train.epochs`; returns the last metrics."""
+    if ctx.state is not None:
+        ctx.state.attach()  # from now on, what an earlier worker group sends is refused
     state = ctx.restore()
     trainer = Trainer(cfg, ctx, state)
     if state is not None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raysegbg.compare import CompareOptions, cells, run_compare
+from raysegbg.config import load_config
 from raysegbg.errors import RaysegbgError
 from tests.conftest import tiny_overrides
 from tests.tb_read import sessions, tags
@@ -45,11 +47,33 @@ def test_bad_comparisons_fail_in_one_line_before_ray(opts, message, tiny_data, t
 
 @pytest.mark.slow
 def test_compare_runs_every_cell_reports_and_resumes(ray_local, tiny_data, tmp_path):
+    """With --tune: each method's search (its own machinery is tested in test_tune, stood in
+    for here) runs on validation at the tuning seed, and the method and its control both run
+    with what it chose."""
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    for method in ("baseline", "mcibi"):
+        (spaces / f"{method}.yaml").write_text("params:\n  optim.lr: {type: float, low: 0.001, "
+                                               "high: 0.1}\n")  # fmt: skip
     opts = CompareOptions(
         data=str(tiny_data), methods=["baseline", "mcibi"], seeds=2, budget=2,
         overrides=tiny_overrides(tiny_data, tmp_path, **{"scaling.workers": 1}), name="cmp",
+        tune=3, spaces=str(spaces),
     )  # fmt: skip
     import raysegbg.inference as inference
+    import raysegbg.tune as tune
+    from raysegbg.compare import TUNE_SEED
+
+    searches = []
+    chosen = {"baseline": {"optim.lr": 0.02},
+              "mcibi": {"optim.lr": 0.03, "method.mcibi.momentum": 0.5}}  # fmt: skip
+
+    def search(search_opts):
+        cfg = load_config(search_opts.config, search_opts.overrides)
+        searches.append((cfg.method.name, search_opts.samples, cfg.train.seed,
+                         search_opts.metric, Path(search_opts.space).name))  # fmt: skip
+        best = SimpleNamespace(params={"method.name": cfg.method.name, **chosen[cfg.method.name]})
+        return SimpleNamespace(best=best)
 
     scored = []  # every split the driver scores a run on
     evaluate_run = inference.evaluate_run
@@ -61,7 +85,14 @@ def test_compare_runs_every_cell_reports_and_resumes(ray_local, tiny_data, tmp_p
     lines = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inference, "evaluate_run", recording)
+        mp.setattr(tune, "run_search", search)
         folder = run_compare(opts, log=lines.append)
+    assert searches == [("baseline", 3, TUNE_SEED, "val/miou", "baseline.yaml"),
+                        ("mcibi", 3, TUNE_SEED, "val/miou", "mcibi.yaml")]  # fmt: skip
+    for cell in cells(opts):  # the method and its control run with the chosen settings
+        cfg = load_config(folder / cell.name / "config.yaml")
+        assert cfg.optim.lr == chosen[cell.method]["optim.lr"], cell.name
+    assert load_config(folder / "mcibi-control-seed1" / "config.yaml").method.mcibi.momentum == 0.5
     # the test split: read once per final run, after training, by this report only
     assert sorted(scored) == sorted((c.name, "test", "best") for c in cells(opts))
     runs = sorted(p.name for p in folder.iterdir() if (p / "epoch_0002" / "meta.json").is_file())
@@ -83,6 +114,7 @@ def test_compare_runs_every_cell_reports_and_resumes(ray_local, tiny_data, tmp_p
         assert not any("test" in t for t in tags(folder / cell.name / "tb")["scalars"])
     md = (folder / "compare.md").read_text()
     assert "test split, read once" in md and "| mcibi |" in md
+    assert "3-trial search per method" in md and "- mcibi: method.mcibi.momentum=0.5" in md
     assert (folder / "compare.png").stat().st_size > 1000
     # TensorBoard: one HParams session per method holding the table's numbers, and the chart
     found = sessions(folder / "tb")
@@ -104,6 +136,8 @@ def test_compare_runs_every_cell_reports_and_resumes(ray_local, tiny_data, tmp_p
     assert "update: false" in control
     before = (folder / "compare.csv").read_text()
     again = []
-    run_compare(opts, log=again.append)  # resumes: nothing left to train, same report
+    with pytest.MonkeyPatch.context() as mp:  # resumes: no search, nothing left to train
+        mp.setattr(tune, "run_search", lambda o: pytest.fail("searched again"))
+        run_compare(opts, log=again.append)
     assert "(6 already done)" in again[0]
     assert (folder / "compare.csv").read_text() == before

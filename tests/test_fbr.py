@@ -174,7 +174,7 @@ def test_segmentation_trains_on_given_masks_augmented_like_the_image(contexts):
 def test_the_stages_store_pseudo_masks_and_the_segmenter_learns_them(contexts, tmp_path):
     metrics, _ = train_local(fbr_config(contexts, tmp_path), tmp_path / "run", log=lambda s: None)
     train = SegDataset(contexts, "train", rows="all", masks=False)
-    store = PseudoLabelStore.load(tmp_path / "run" / "state" / "latest")
+    store = PseudoLabelStore.load(tmp_path / "run" / "state" / "labels")
     assert sorted(store.ids()) == sorted(label_key(i) for i in train.ids)
     item = store.get([label_key(train.ids[0])])[0]
     assert item.mask.shape == (32, 32) and item.mask.max() <= 3

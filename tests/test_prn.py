@@ -78,7 +78,7 @@ def test_three_stages_in_order_with_labels_in_the_store(contrast_data, tmp_path)
     assert "refine/chosen_head" not in found[0][1]["metrics"]  # not in the base stage
 
     # the store (persisted and in the checkpoint) holds every held-out image, every head
-    store = PseudoLabelStore.load(run / "state" / "latest")
+    store = PseudoLabelStore.load(run / "state" / "labels")
     method = Prn(cfg, 2, 1, 255)
     method.load_state_dict(states[-1]["method"])
     from raysegbg.data.loader import SegDataset
@@ -174,7 +174,7 @@ def test_cross_fit_labels_every_training_image_with_a_base_that_never_saw_it(
 
     # every training image is labeled by the fold base that never trained on it, and that
     # base's logit is the refiner's training input; inference refines the final base
-    store = PseudoLabelStore.load(run / "state" / "latest")
+    store = PseudoLabelStore.load(run / "state" / "labels")
     assert sorted(store.ids()) == sorted(label_key(i, p) for i in train.ids for p in (8, 16))
     for image_id in (min(held), min(set(train.ids) - held)):
         image, mask = train[train.ids.index(image_id)]
@@ -202,8 +202,11 @@ def test_refine_augment_searches_labels_per_batch_and_bias_augment_keeps_the_sto
     contrast_data, tmp_path
 ):
     from dataclasses import replace
+    from types import SimpleNamespace
 
     from raysegbg.data.loader import SegDataset, eval_batches
+    from raysegbg.state.actor import SharedState
+    from raysegbg.state.client import LocalStateClient
 
     run = tmp_path / "a"
     cfg = prn_config(contrast_data, tmp_path, **{"logging.name": "a", "train.epochs": 1,
@@ -218,9 +221,8 @@ def test_refine_augment_searches_labels_per_batch_and_bias_augment_keeps_the_sto
     # on unaugmented held-out images the per-batch search finds what the store holds
     train = SegDataset(contrast_data, "train")
     held = train.subset(lambda i: in_holdout(i, cfg.method.prn.holdout))
-    store = PseudoLabelStore.load(run / "state" / "latest")
-    keys = [label_key(i, p) for i in held.ids for p in (8, 16)]
-    method.labels = {k: (x.mask, x.confidence) for k, x in zip(keys, store.get(keys), strict=True)}
+    served = LocalStateClient(SharedState(str(run / "state")))  # the run's store, reloaded
+    method.run = SimpleNamespace(state=served)
     batch = next(iter(eval_batches(held, 8)))
     prob = method.base_probability(batch.images)
     live, live_map = method._targets(batch, prob)
@@ -377,32 +379,49 @@ def test_threshold_heads_binarize_the_base_at_each_patch_threshold(monkeypatch):
     assert table.gather(-1, step[..., None]).mean() > table.mean()
 
 
-def whole_run(rank: int, world: int, overrides: list[str], run_dir: str):
-    """A full 3-stage run on one rank of a gloo group; rank 0 hosts the shared state."""
-    from raysegbg.local import LocalHost
-    from raysegbg.state.actor import SharedState
-    from raysegbg.state.client import LocalStateClient
+def whole_run(rank: int, world: int, overrides: list[str], run_dir: str, address: str,
+              actor: str):  # fmt: skip
+    """A full 3-stage run on one rank of a gloo group; every rank reaches the run's shared
+    state actor on the session's Ray, as a Ray Train worker does."""
+    import ray
 
-    cfg = load_config(None, overrides)
-    host = LocalHost(Path(run_dir))
-    state = LocalStateClient(SharedState(f"{run_dir}/state")) if rank == 0 else None
-    ctx = host.context(rank=rank, world_size=world, state=state, log=lambda line: None)
-    if rank:
-        ctx.report = lambda metrics, checkpoint, name: None
-    train_worker(cfg, ctx)
-    return load_state(list_checkpoints(Path(run_dir))[-1][0]) if rank == 0 else None
+    from raysegbg.local import LocalHost
+    from raysegbg.state.actor import lookup
+    from raysegbg.state.client import StateClient
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        cfg = load_config(None, overrides)
+        host = LocalHost(Path(run_dir))
+        state = StateClient(lookup(actor), cfg.train.snapshot_every, rank)
+        ctx = host.context(rank=rank, world_size=world, state=state, log=lambda line: None)
+        if rank:
+            ctx.report = lambda metrics, checkpoint, name: None
+        train_worker(cfg, ctx)
+        return load_state(list_checkpoints(Path(run_dir))[-1][0]) if rank == 0 else None
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.slow
-def test_two_workers_make_the_labels_and_refiner_of_one(contrast_data, tmp_path):
+def test_two_workers_make_the_labels_and_refiner_of_one(ray_local, contrast_data, tmp_path):
+    """Each rank puts its own share of the labels in the state actor and reads its own
+    batches' labels from it (no gather to rank 0, no broadcast)."""
+    from raysegbg.state import actor as state_actor
     from tests.multiproc import run_ranks
 
     overrides = [*tiny_overrides(contrast_data, tmp_path, **PRN), "train.epochs=1",
                  "method.prn.base_epochs=1"]  # fmt: skip
-    (single,) = run_ranks(whole_run, 1, overrides, str(tmp_path / "one"))
-    pair = run_ranks(whole_run, 2, overrides, str(tmp_path / "two"))
-    one = PseudoLabelStore.load(tmp_path / "one" / "state" / "latest")
-    two = PseudoLabelStore.load(tmp_path / "two" / "state" / "latest")
+    address = ray_local.get_runtime_context().gcs_address
+    runs = {}
+    for name, world in (("one", 1), ("two", 2)):
+        actor = state_actor.unique_name(f"prn-{name}")
+        handle = state_actor.create(actor, tmp_path / name / "state")  # noqa: F841 (alive)
+        runs[name] = run_ranks(whole_run, world, overrides, str(tmp_path / name), address, actor)
+        state_actor.destroy(actor)
+    (single,), pair = runs["one"], runs["two"]
+    one = PseudoLabelStore.load(tmp_path / "one" / "state" / "labels")
+    two = PseudoLabelStore.load(tmp_path / "two" / "state" / "labels")
     assert sorted(one.ids()) == sorted(two.ids())
     agree = np.mean(
         [

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from raysegbg import storage
 from raysegbg.checkpoint import list_checkpoints, load_state, pick_checkpoint
 from raysegbg.config import load_config
 from raysegbg.inference import evaluate_run
@@ -54,6 +55,7 @@ def test_two_workers_report_checkpoint_resume_and_keep_the_memory_in_the_actor(
             torch.from_numpy(snap["memory"]), state["method"]["memory.memory"]
         )
         assert int(snap["version"]) == resumed.metrics["step"] == 9
-    assert (run_dir / "state" / "latest" / "memories.json").is_file()  # async snapshots landed
+    snapshot = storage.published(run_dir / "state" / "memories")
+    assert snapshot is not None and (snapshot / "memories.json").is_file()  # async snapshots landed
     assert state_actor.alive("ray-run") == []
     assert 0 <= evaluate_run(run_dir, "test")["miou"] <= 1  # eval reads the checkpointed memory

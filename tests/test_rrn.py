@@ -168,7 +168,7 @@ def test_each_epoch_stores_pseudo_labels_and_logs_kept_versus_dropped(tiny_data,
     for key in ("rrn/kept_acc", "rrn/dropped_acc", "rrn/kept_share", "rrn/pseudo_acc"):
         assert key in metrics
     assert 0 <= metrics["rrn/pseudo_acc"] <= 1 and 0 <= metrics["rrn/kept_share"] <= 1
-    store = PseudoLabelStore.load(tmp_path / "run" / "state" / "latest")
+    store = PseudoLabelStore.load(tmp_path / "run" / "state" / "labels")
     hidden = SegDataset(tiny_data, "train", rows="unlabeled", labeled_fraction=0.5)
     assert sorted(store.ids()) == sorted(f"{i}@net{k}" for i in hidden.ids for k in (1, 2))
     item = store.get([f"{hidden.ids[0]}@net1"])[0]

@@ -139,3 +139,93 @@ def test_two_concurrent_trials_of_a_search_train_the_base_once(ray_local, data, 
         epochs[row.name] = [e.step for e in acc.Scalars("perf/epoch_s")]
     assert epochs[result["run"]] == [1, 2, 3, 4, 5]
     assert epochs[result["users"][0]] == [3, 4, 5]  # base epochs 1-2 not trained again
+
+
+def test_fbr_reuses_its_cam_stage_across_cam_thresholds(tmp_path):
+    """fbr's CAM network and NROI bank are one stage result: a run with another CAM threshold
+    (read only by the pseudo-mask stage) loads them and ends as training them would."""
+    data = tmp_path / "contexts"
+    make_dataset("contexts", data, n=60, size=32, seed=0)
+    fbr = {"method.name": "fbr", "method.fbr.cam_epochs": 2, "train.epochs": 1,
+           "train.steps_per_epoch": 2, "method.fbr.proj_dims": 16}  # fmt: skip
+    _, first, a = run(data, tmp_path, "a", **fbr, **{"method.fbr.cam_threshold": 0.3})
+    assert any("computing stage result fbr-cam-" in line for line in first)
+    other = {**fbr, "method.fbr.cam_threshold": 0.4}
+    reused, lines, b = run(data, tmp_path, "b", **other)
+    assert any("reused stage result fbr-cam-" in line for line in lines)
+    assert not any(line.startswith("[cam] epoch") for line in lines)
+    fresh, _, c = run(data, tmp_path, "c", **other, **{"train.reuse_stages": "false"})
+    for key in ("val/miou", "train/loss", "step", "best_score"):
+        assert reused[key] == fresh[key], key
+    final_b = load_state(list_checkpoints(b)[-1][0])["method"]
+    final_c = load_state(list_checkpoints(c)[-1][0])["method"]
+    for key, value in final_b.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, final_c[key]), key
+    cam_a = load_state(list_checkpoints(a)[-1][0])["method"]
+    assert all(torch.equal(v, final_b[k]) for k, v in cam_a.items() if k.startswith("cam."))
+
+
+@pytest.mark.slow
+def test_a_killed_producer_lets_the_waiting_run_compute_the_stage(ray_local, data, tmp_path):
+    """Two runs share a search's stage-results actor. The one computing the base is killed
+    (SIGKILL, inside the stage): its claim lapses, and the run that was waiting for the base
+    computes and publishes it itself; nothing of the killed run is published."""
+    import os
+    import signal
+    import time
+    import uuid
+
+    from raysegbg.state.results import start_service
+    from raysegbg.state.sharing import Sharing
+
+    ray = ray_local
+    service = start_service(f"kill-{uuid.uuid4().hex[:8]}", str(tmp_path), lease_s=4.0)
+    marker = tmp_path / "producing"
+    overrides = tiny_overrides(data, tmp_path, **{**PRN, "logging.name": "a"})
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def produce() -> None:
+        from raysegbg import train
+
+        real = train.run_epoch
+
+        def stall(trainer, writer):  # one base epoch, then hangs until killed
+            out = real(trainer, writer)
+            marker.write_text(str(os.getpid()))
+            time.sleep(600)
+            return out
+
+        train.run_epoch = stall
+        log = lambda line: None  # noqa: E731
+        train_local(load_config(None, overrides), tmp_path / "a",
+                    sharing=Sharing(service, "a", 0, log), log=log)  # fmt: skip
+
+    producing = produce.remote()
+    deadline = time.monotonic() + 180
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(producing, timeout=60)
+
+    lines: list[str] = []
+    cfg = load_config(None, tiny_overrides(data, tmp_path, **{**PRN, "logging.name": "b"}))
+    sharing = Sharing(service, "b", 0, lines.append, poll_s=0.2)
+    train_local(cfg, tmp_path / "b", sharing=sharing, log=lines.append)
+    waited = [line for line in lines if line.startswith("waiting for stage result")]
+    assert waited and waited[0].endswith(": a computes it")  # the killed run's claim, live
+    assert any("computing stage result prn-base-" in line for line in lines)
+    (result,) = list_results(str(tmp_path))
+    assert result["run"] == "b" and result["users"] == []
+    ray.kill(service)
+
+
+def test_cross_fit_fold_bases_are_stage_results_too(data, tmp_path):
+    cross = {"method.prn.cross_fit": "true", "method.prn.base_epochs": 1, "train.epochs": 1}
+    _, first, _ = run(data, tmp_path, "a", **cross)
+    _, lines, _ = run(data, tmp_path, "b", **cross, **{"method.prn.pseudo_weight": 0.5})
+    for stage in ("prn-fold1-base", "prn-fold2-base", "prn-base"):
+        assert any(f"computing stage result {stage}-" in line for line in first), stage
+        assert any(f"reused stage result {stage}-" in line for line in lines), stage
+    assert len(list_results(str(tmp_path))) == 3

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from raysegbg import storage
 from raysegbg.state import actor as state_actor
 from raysegbg.state.client import StateClient
 from raysegbg.state.memory import ClassMemory
@@ -85,9 +86,9 @@ def test_actor_crash_mid_run(ray_local, tmp_path):
         assert conf is None or conf.tobytes() == confs[k].tobytes()
     # and what a second crash would restore from is current again: the steps after the crash
     # are on disk, not only in the restarted actor
-    latest = tmp_path / "state" / "latest"
-    assert json.loads((latest / "memories.json").read_text()) == {"memory": 40}
-    assert len(PseudoLabelStore.load(latest)) == 1000
+    memories = storage.published(tmp_path / "state" / "memories")
+    assert json.loads((memories / "memories.json").read_text()) == {"memory": 40}
+    assert len(PseudoLabelStore.load(tmp_path / "state" / "labels")) == 1000
     state_actor.destroy("crash-test")
 
 

@@ -91,16 +91,17 @@ def test_folders_upload_download_and_mirror(root, tmp_path):
 
 def test_publish_switches_versions_whole(root, tmp_path):
     assert not storage.fetch_published(root / "snap", tmp_path / "none")
-    for n in (1, 2):
+    published = []
+    for n in (1, 2, 3):
         src = tmp_path / f"v{n}"
         src.mkdir()
         (src / "data.txt").write_text(f"version {n}")
-        storage.publish_dir(src, root / "snap")
-    entries = storage.listdir(root / "snap")
-    assert len(entries) == 2 and storage.CURRENT in entries  # the old version is gone
+        published.append(storage.location(storage.publish_dir(src, root / "snap")).name)
+    # the current version and the one before it (a reader may still be reading it)
+    assert sorted(storage.listdir(root / "snap")) == sorted([storage.CURRENT, *published[1:]])
     got = tmp_path / "got"
     assert storage.fetch_published(root / "snap", got)
-    assert (got / "data.txt").read_text() == "version 2"
+    assert (got / "data.txt").read_text() == "version 3"
 
 
 def test_shared_state_snapshot_in_object_store(s3_options):
@@ -191,7 +192,7 @@ def test_training_run_in_object_store(ray_local, tiny_data, s3_options, tmp_path
     assert result.best_checkpoint in (run / "epoch_0001", run / "epoch_0002")
 
     assert storage.is_file(run / "config.yaml")
-    assert storage.is_file(run / "state" / "latest" / storage.CURRENT)  # the actor's snapshot
+    assert storage.is_file(run / "state" / "memories" / storage.CURRENT)  # the actor's snapshot
     assert {m["epoch"] for _, m in list_checkpoints(run)} <= {1, 2}
     events = [n for n in storage.listdir(run / "tb") if n.startswith("events.out.tfevents")]
     assert events, storage.listdir(run)

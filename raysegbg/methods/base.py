@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from raysegbg.config import Config
+from raysegbg.config import Config, to_dict
 from raysegbg.data.batch import Batch, Stream
 from raysegbg.optim import Optim
 
@@ -61,6 +61,23 @@ class SharedStage:
     version: str
 
 
+def training_settings(cfg: Config) -> dict[str, Any]:
+    """The settings every trained stage's result depends on, as flat `section.key` values:
+    data, model and optimiser, the batch, steps, AMP, workers and device, and the score (a
+    stage result records the best one). Not the data loader's speed settings."""
+    flat = {f"{section}.{k}": v for section in ("data", "model", "optim")
+            for k, v in to_dict(getattr(cfg, section)).items()}  # fmt: skip
+    for key in ("workers", "prefetch", "cache"):  # speed only
+        flat.pop(f"data.{key}")
+    train = cfg.train
+    flat.update({
+        "train.batch_size": train.batch_size, "train.steps_per_epoch": train.steps_per_epoch,
+        "train.amp": train.amp, "scaling.workers": cfg.scaling.workers,
+        "scaling.use_gpu": cfg.scaling.use_gpu, "logging.score": cfg.logging.score,
+    })  # fmt: skip
+    return flat
+
+
 class Step(Protocol):
     """What a training step may ask of the loop (see `raysegbg.train.StepRunner`)."""
 
@@ -90,7 +107,7 @@ class StageRun:
     device: torch.device
     rank: int
     world_size: int
-    state: Any  # the shared-state client on rank 0, else None
+    state: Any  # the shared-state client (every rank), or None
     log: Callable[[str], None]
     train_dataset: Any  # the whole training split (SegDataset)
 

@@ -1,7 +1,7 @@
 """The shared-state actor: one per run, named from the run id, owned by the driver.
 
 It holds the latest snapshot of every feature memory and the pseudo-label store, persists
-both under the run folder, and reloads them when Ray restarts it after a crash. Workers
+what changed under the run folder, and reloads them when Ray restarts it after a crash. Workers
 reach it through `raysegbg.state.client.StateClient`.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from raysegbg import storage
-from raysegbg.data.format import replace_directory
 from raysegbg.state.store import PseudoLabelStore
 
 NAMESPACE = "raysegbg"
+INCARNATION = "incarnation"  # the number of the last worker group that attached
 
 
 def actor_name(run_name: str) -> str:
@@ -57,19 +57,56 @@ def _npz_load(data: bytes) -> dict[str, np.ndarray]:
 
 
 class SharedState:
-    """Actor body (plain class: `ray.remote` is applied in `create`, testable without Ray)."""
+    """Actor body (plain class: `ray.remote` is applied in `create`, testable without Ray).
+
+    Persisted under `state_dir` in two parts, each published whole (`storage.publish_dir`) and
+    only when it changed: `memories/` (one npz per memory and their versions) and `labels/`
+    (the pseudo-label store's Parquet shards). A worker group `attach`es first and tags what
+    it sends with the number it got: a snapshot from a group that was replaced (a late one
+    from before a restart) is refused, however high its version.
+    """
 
     def __init__(self, state_dir: str):
         self.state_dir = storage.location(state_dir)  # a URI for a run in an object store
         self.memories: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
+        self.groups: dict[str, int] = {}  # memory name -> the worker group its snapshot is from
         self.store = PseudoLabelStore()
-        self.restored = self._load(self.state_dir / "latest")
+        self.incarnation = self._read_incarnation()
+        self.refused = 0  # sends from a replaced worker group
+        self._persisted: dict[str, Any] = {"memories": {}, "labels": 0}
+        self.restored = self._load()
+
+    # -- worker groups --------------------------------------------------------------------
+    def attach(self) -> int:
+        """A (re)started worker group's number: everything sent with an older one is refused
+        from now on. Kept on storage, so a restarted actor never hands out a number twice."""
+        self.incarnation += 1
+        storage.write_text(self.state_dir / INCARNATION, str(self.incarnation))
+        return self.incarnation
+
+    def _current(self, incarnation: int | None) -> bool:
+        if incarnation is not None and incarnation < self.incarnation:
+            self.refused += 1
+            return False
+        return True
+
+    def _read_incarnation(self) -> int:
+        path = self.state_dir / INCARNATION
+        return int(storage.read_text(path)) if storage.is_file(path) else 0
 
     # -- memories -------------------------------------------------------------------------
-    def put_memory(self, name: str, version: int, arrays: dict[str, np.ndarray]) -> int:
-        """Keep the newest snapshot of `name` (older, out-of-order versions are ignored)."""
-        if name not in self.memories or version >= self.memories[name][0]:
+    def put_memory(self, name: str, version: int, arrays: dict[str, np.ndarray],
+                   incarnation: int | None = None) -> int:  # fmt: skip
+        """Keep the newest snapshot of `name` from the current worker group: older,
+        out-of-order versions are ignored; the first from a new group replaces any earlier
+        group's (it went back to a checkpoint, or started over)."""
+        if not self._current(incarnation):
+            return -1
+        group = incarnation or 0
+        newer_group = group > self.groups.get(name, 0)
+        if name not in self.memories or newer_group or version >= self.memories[name][0]:
             self.memories[name] = (version, arrays)
+            self.groups[name] = max(group, self.groups.get(name, 0))
         return self.memories[name][0]
 
     def get_memory(self, name: str) -> tuple[int, dict[str, np.ndarray]]:
@@ -79,8 +116,10 @@ class SharedState:
         return self.memories[name]
 
     # -- pseudo-labels --------------------------------------------------------------------
-    def put_labels(self, ids, masks, confidences=None, step: int = 0) -> int:
-        self.store.put(ids, masks, confidences, step)
+    def put_labels(self, ids, masks, confidences=None, step: int = 0,
+                   incarnation: int | None = None) -> int:  # fmt: skip
+        if self._current(incarnation):
+            self.store.put(ids, masks, confidences, step)
         return len(self.store)
 
     def get_labels(self, ids) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
@@ -90,59 +129,88 @@ class SharedState:
     def export(self) -> dict[str, bytes]:
         """Everything, as bytes that a checkpoint can hold (the actor may be on another node)."""
         with tempfile.TemporaryDirectory() as tmp:
-            self._write(Path(tmp) / "s")
-            return {p.name: p.read_bytes() for p in (Path(tmp) / "s").iterdir()}
+            folder = Path(tmp)
+            self._write_memories(folder)
+            if len(self.store):
+                self.store.write_shards(folder)
+            return {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def load_export(self, files: dict[str, bytes]) -> dict[str, Any]:
-        """Replace the state with a checkpoint's (on restore), and persist it as latest."""
+        """Replace the state with a checkpoint's (on restore), and persist it."""
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
             self.memories, self.store = {}, PseudoLabelStore()
-            self._load(Path(tmp))
+            self._load_memories(Path(tmp))
+            self._load_labels(Path(tmp))
+        self._persisted = {"memories": None, "labels": None}  # both differ from what is stored
         self.persist()
         return self.info()
 
-    def persist(self) -> str:
-        """Write the current state to <run>/state/latest (atomic replace)."""
-        latest = self.state_dir / "latest"
-        if storage.is_uri(latest):  # staged locally, then published all at once
-            with tempfile.TemporaryDirectory() as tmp:
-                return storage.publish_dir(self._write(Path(tmp) / "s"), latest)
-        return str(self._write(latest))
+    def persist(self) -> list[str]:
+        """Publish the parts that changed since they were last persisted; returns their names."""
+        written = []
+        versions = {name: v for name, (v, _) in self.memories.items()}
+        if versions != self._persisted["memories"]:
+            with storage.staging(self.state_dir / "memories") as tmp:
+                self._write_memories(tmp)
+                storage.publish_dir(tmp, self.state_dir / "memories")
+            self._persisted["memories"] = versions
+            written.append("memories")
+        if self.store.generation != self._persisted["labels"]:
+            with storage.staging(self.state_dir / "labels") as tmp:
+                self.store.write_shards(tmp)
+                storage.publish_dir(tmp, self.state_dir / "labels")
+            self._persisted["labels"] = self.store.generation
+            written.append("labels")
+        return written
 
     def info(self) -> dict[str, Any]:
         return {
             "memories": {k: v[0] for k, v in self.memories.items()},
             "labels": len(self.store),
             "restored": self.restored,
+            "incarnation": self.incarnation,
+            "refused": self.refused,
             "pid": os.getpid(),
         }
 
-    def _write(self, target: Path) -> Path:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    def _write_memories(self, folder: Path) -> None:
         versions = {name: v for name, (v, _) in self.memories.items()}
         for name, (_, arrays) in self.memories.items():
-            (tmp / f"memory-{name}.npz").write_bytes(_npz_bytes(arrays))
-        (tmp / "memories.json").write_text(json.dumps(versions))
-        if len(self.store):
-            self.store.write_shards(tmp)
-        replace_directory(tmp, target)
-        return target
+            (folder / f"memory-{name}.npz").write_bytes(_npz_bytes(arrays))
+        (folder / "memories.json").write_text(json.dumps(versions))
 
-    def _load(self, directory: Path | str) -> bool:
-        if storage.is_uri(directory):  # the version that persist last published
-            with tempfile.TemporaryDirectory() as tmp:
-                return storage.fetch_published(directory, Path(tmp)) and self._load(Path(tmp))
-        if not (directory / "memories.json").is_file():
+    def _load_memories(self, folder: Path) -> bool:
+        if not (folder / "memories.json").is_file():
             return False
-        for name, version in json.loads((directory / "memories.json").read_text()).items():
-            arrays = _npz_load((directory / f"memory-{name}.npz").read_bytes())
+        for name, version in json.loads((folder / "memories.json").read_text()).items():
+            arrays = _npz_load((folder / f"memory-{name}.npz").read_bytes())
             self.memories[name] = (version, arrays)
-        if any(directory.glob("labels-*.parquet")):
-            self.store = PseudoLabelStore.load(directory)
         return True
+
+    def _load_labels(self, folder: Path) -> bool:
+        if not any(folder.glob("labels-*.parquet")):
+            return False
+        self.store = PseudoLabelStore.load(folder)
+        return True
+
+    def _load(self) -> bool:
+        """The last persisted state (after a crash, Ray restarts the actor into this)."""
+        found = False
+        for part, load in (("memories", self._load_memories), ("labels", self._load_labels)):
+            with tempfile.TemporaryDirectory() as tmp:
+                current = storage.published(self.state_dir / part)
+                if current is None:
+                    continue
+                if storage.is_uri(current):
+                    current = storage.download_dir(current, Path(tmp))
+                found = load(Path(current)) or found
+        self._persisted = {
+            "memories": {name: v for name, (v, _) in self.memories.items()},
+            "labels": self.store.generation,
+        }
+        return found
 
 
 def create(run_name: str, state_dir: Path):

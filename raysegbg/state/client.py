@@ -1,8 +1,11 @@
 """What workers use to reach the shared-state actor without blocking the training step.
 
-Memory snapshots are sent fire-and-forget every `every` steps by rank 0; a snapshot is skipped
+Every rank has a client: each puts and gets its own share of the pseudo-labels. Memory
+snapshots are sent fire-and-forget every `every` steps by rank 0; a snapshot is skipped
 (never waited for) while the previous one is still in flight. Checkpoints flush and export.
-`LocalStateClient` is the same client over an in-process `SharedState` (runs without Ray).
+What a client sends carries its worker group's number (`attach`), so the actor refuses a late
+send from a group that was replaced. `LocalStateClient` is the same client over an in-process
+`SharedState` (runs without Ray).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysegbg import dist
 from raysegbg.state.memory import ClassMemory, RingBank
 
 
@@ -30,11 +34,19 @@ def _arrays(memory: nn.Module) -> dict[str, np.ndarray]:
 
 
 class StateClient:
-    def __init__(self, actor: Any, every: int = 50):
+    def __init__(self, actor: Any, every: int = 50, rank: int = 0):
         self.actor = actor
         self.every = every
+        self.rank = rank
+        self.incarnation: int | None = None  # this worker group's number, from `attach`
         self._pending: list[Any] = []
         self.skipped = 0
+
+    def attach(self) -> None:
+        """Every rank, once at the start of a worker group (a collective): rank 0 asks the
+        actor for the group's number and sends it to the others."""
+        number = self._wait(self._call("attach")) if self.rank == 0 else None
+        self.incarnation = dist.broadcast_object(number)
 
     def _call(self, name: str, *args: Any) -> Any:
         """Start an actor call; returns a reference (see `_wait`)."""
@@ -53,8 +65,8 @@ class StateClient:
         return bool(self._pending)
 
     def after_step(self, step: int, method: nn.Module) -> None:
-        """Rank 0, every step: maybe send snapshots (never blocks on the actor)."""
-        if self.every <= 0 or step % self.every:
+        """Every step: rank 0 may send snapshots (never blocks on the actor)."""
+        if self.rank != 0 or self.every <= 0 or step % self.every:
             return
         if self._in_flight():
             self.skipped += 1
@@ -64,13 +76,16 @@ class StateClient:
     def push(self, method: nn.Module) -> None:
         for name, memory in memories_of(method).items():
             version = int(memory.version)
-            self._pending.append(self._call("put_memory", name, version, _arrays(memory)))
+            arrays = _arrays(memory)
+            self._pending.append(self._call("put_memory", name, version, arrays, self.incarnation))
         self._pending.append(self._call("persist"))
 
     def put_labels(self, ids, masks, confidences=None, step: int = 0) -> None:
         """Queue pseudo-labels for the store (`flush` waits until they are in)."""
         confidences = None if confidences is None else list(confidences)
-        self._pending.append(self._call("put_labels", list(ids), list(masks), confidences, step))
+        self._pending.append(
+            self._call("put_labels", list(ids), list(masks), confidences, step, self.incarnation)
+        )
 
     def put_many(self, items, step: int = 0, chunk: int = 256) -> None:
         """(id, mask, confidence) items, sent `chunk` per call; returns once all are in."""
@@ -81,6 +96,13 @@ class StateClient:
 
     def get_labels(self, ids) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
         return self._wait(self._call("get_labels", list(ids)))
+
+    def get_many(self, ids, chunk: int = 256) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
+        """`get_labels` of many ids, `chunk` per call."""
+        out = []
+        for start in range(0, len(ids), chunk):
+            out += self.get_labels(ids[start : start + chunk])
+        return out
 
     def flush(self) -> None:
         """Wait for every call still in flight."""
@@ -94,8 +116,12 @@ class StateClient:
         self.flush()
         return self._wait(self._call("export"))
 
-    def restore(self, files: dict[str, bytes]) -> dict[str, Any]:
-        return self._wait(self._call("load_export", files))
+    def restore(self, files: dict[str, bytes]) -> None:
+        """Every rank (a collective): rank 0 puts a checkpoint's state back into the actor;
+        no rank reads from it before that is done."""
+        if self.rank == 0:
+            self._wait(self._call("load_export", files))
+        dist.barrier()
 
 
 class LocalStateClient(StateClient):

@@ -1,11 +1,10 @@
 """The pseudo-label store: per image id, a uint8 mask, an optional confidence (a per-pixel
-map or per-region scores) and the step that produced it. Persisted as Parquet shards,
-written to a temporary folder and renamed into place, so a reader never sees half a store.
+map or per-region scores) and the step that produced it. Persisted as Parquet shards
+published as a whole new version (`storage.publish_dir`), so a reader never sees half a store.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysegbg.data.format import replace_directory
+from raysegbg import storage
 from raysegbg.errors import RaysegbgError
 
 SCHEMA = pa.schema(
@@ -61,6 +60,7 @@ class PseudoLabelStore:
 
     def __init__(self) -> None:
         self._items: dict[str, PseudoLabel] = {}
+        self.generation = 0  # counts the puts: what a persisted copy is compared by
 
     def __len__(self) -> int:
         return len(self._items)
@@ -82,6 +82,7 @@ class PseudoLabelStore:
             _check(image_id, mask, conf)
             batch.append((image_id, PseudoLabel(mask.copy(), conf, int(step))))
         self._items.update(batch)
+        self.generation += 1
 
     def get(self, ids) -> list[PseudoLabel]:
         missing = [i for i in ids if i not in self._items]
@@ -117,19 +118,34 @@ class PseudoLabelStore:
             pq.write_table(table, Path(directory) / f"labels-{k:05d}.parquet")
 
     def save(self, directory: Path) -> Path:
-        """Write all entries as Parquet shards; the folder is replaced atomically."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        self.write_shards(tmp)
-        replace_directory(tmp, directory)
-        return directory
+        """Publish all entries as the new version of `directory` (`storage.publish_dir`: a
+        reader finds the old version or the new one, never none)."""
+        with storage.staging(directory) as tmp:
+            self.write_shards(tmp)
+            storage.publish_dir(tmp, directory)
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: Path) -> PseudoLabelStore:
-        directory = Path(directory)
+        """From a folder of shards, or the current version of a published one (read again
+        from the new current version if a writer deleted the one being read meanwhile)."""
+        for attempt in range(3):
+            folder = Path(storage.published(directory) or directory)
+            try:
+                return cls._read(folder)
+            except FileNotFoundError:
+                if folder == Path(directory):
+                    raise RaysegbgError(f"no pseudo-label store in {directory}") from None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _read(cls, directory: Path) -> PseudoLabelStore:
         shards = sorted(directory.glob("labels-*.parquet"))
         if not shards:
+            if not directory.is_dir():
+                raise FileNotFoundError(directory)
             raise RaysegbgError(f"no pseudo-label store in {directory}")
         store = cls()
         for shard in shards:

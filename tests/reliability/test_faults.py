@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raysegbg import storage
 from raysegbg.checkpoint import (
     UnreadableCheckpoint,
     list_checkpoints,
@@ -259,7 +260,8 @@ def test_sigterm_mid_checkpoint_leaves_nothing_half_written_to_read(
     assert len(PseudoLabelStore.load(folder / "shared")) > 0
     shared = SharedState(str(run_dir / "state"))
     assert shared.restored and len(shared.store) == len(PseudoLabelStore.load(folder / "shared"))
-    assert all(half not in p.parents for p in (run_dir / "state" / "latest", *listed))
+    stored = storage.published(run_dir / "state" / "labels")
+    assert all(half not in p.parents for p in (stored, *listed))
     assert "warning" not in capsys.readouterr().err  # nothing unreadable was even tried
 
     # resumed, it trains epoch 2 again and ends as the uninterrupted run did, store included

@@ -36,11 +36,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysegbg import dist
-from raysegbg.config import Config
+from raysegbg.config import Config, to_dict
 from raysegbg.data.format import read_split
 from raysegbg.data.loader import SegDataset, eval_batches
 from raysegbg.errors import RaysegbgError
-from raysegbg.methods.base import Batch, Method, Optim, Stage, StageRun, Step, Stream
+from raysegbg.methods.base import (
+    Batch,
+    Method,
+    Optim,
+    SharedStage,
+    Stage,
+    StageRun,
+    Step,
+    Stream,
+    training_settings,
+)
 from raysegbg.methods.fbr.contrast import (
     BG_CAM,
     cam_labels,
@@ -161,6 +171,19 @@ class Fbr(Method):
             Stage("pseudo-masks", 0, augment=False),
             Stage("segment", self.cfg.train.epochs),
         ]
+
+    CAM_VERSION = "1"  # raise when what the CAM stage trains changes
+    SEGMENT_ONLY = ("cam_threshold", "dice_weight")  # settings the CAM stage never reads
+
+    def shared_stage(self, stage: Stage) -> SharedStage | None:
+        """The CAM stage (network and NROI bank): trials of a search over the CAM threshold or
+        the segmentation stage, and later runs, reuse it."""
+        if stage.name != "cam":
+            return None
+        settings = training_settings(self.cfg)
+        settings.update({f"method.fbr.{k}": v for k, v in to_dict(self.params).items()
+                         if k not in self.SEGMENT_ONLY})  # fmt: skip
+        return SharedStage("fbr-cam", settings, ("cam.", "bank."), self.CAM_VERSION)
 
     def streams(self) -> dict[str, Stream]:
         # every training row, masks hidden: image-level labels only (the segment stage's
@@ -293,7 +316,7 @@ class Fbr(Method):
     # -- stage 2: pseudo masks ------------------------------------------------------------
     @torch.no_grad()
     def run_stage(self, stage: Stage, run: StageRun) -> dict[str, float]:
-        """Every rank masks its share of the training images; rank 0 stores them all.
+        """Every rank masks its share of the training images and puts them in the store.
         Returns the pseudo masks' quality against whatever masks the dataset hides."""
         self.eval()
         n = self.num_classes
@@ -317,12 +340,10 @@ class Fbr(Method):
                 h, w = truth[index[image_id]][1].shape
                 items.append((label_key(image_id), labels[j, :h, :w].to(torch.uint8).numpy(),
                               peak[j, :h, :w].numpy()))  # fmt: skip
-        gathered = dist.gather_objects(items)
-        if gathered is not None:
-            if run.state is None:
-                raise RaysegbgError("fbr needs the run's shared state for its pseudo-label store")
-            run.state.put_many([item for part in gathered for item in part], chunk=CHUNK)
-        dist.all_reduce_sum(cm)
+        if run.state is None:
+            raise RaysegbgError("fbr needs the run's shared state for its pseudo-label store")
+        run.state.put_many(items, chunk=CHUNK)  # returns once they are in
+        dist.all_reduce_sum(cm)  # (and no rank reads the masks before every rank put them)
         report = summarize(cm.numpy(), truth.meta.classes)
         out.update({f"pseudo/{k}": v for k, v in report.items() if "/" not in k})
         out["pseudo/images"] = float(len(truth))
@@ -420,15 +441,10 @@ class Fbr(Method):
 
 
 def read_masks(run: StageRun) -> dict[str, np.ndarray]:
-    """The stage's images' pseudo masks from the store, read by rank 0, sent to every rank."""
-    masks = None
-    if run.rank == 0:
-        if run.state is None:
-            raise RaysegbgError("fbr needs the run's shared state for its pseudo-label store")
-        ids = list(run.dataset.ids)
-        masks = {}
-        for start in range(0, len(ids), CHUNK):
-            part = ids[start : start + CHUNK]
-            got = run.state.get_labels([label_key(i) for i in part])
-            masks.update({i: mask for i, (mask, _, _) in zip(part, got, strict=True)})
-    return dist.broadcast_object(masks)
+    """The stage's images' pseudo masks, read by every rank from the store (a rank's loader
+    visits every image over the epochs; the masks are small: uint8)."""
+    if run.state is None:
+        raise RaysegbgError("fbr needs the run's shared state for its pseudo-label store")
+    ids = list(run.dataset.ids)
+    got = run.state.get_many([label_key(i) for i in ids], chunk=CHUNK)
+    return {i: mask for i, (mask, _, _) in zip(ids, got, strict=True)}

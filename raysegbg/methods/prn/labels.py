@@ -43,8 +43,8 @@ def _need_store(run: StageRun) -> None:
 @torch.no_grad()
 def make_labels(probability: Callable[[torch.Tensor], torch.Tensor], run: StageRun,
                 sizes: list[int], steps: int, batch_size: int) -> dict[str, float]:  # fmt: skip
-    """Every rank labels its share of the stage's images with the base `probability`; rank 0
-    stores them all. Returns the base's IoU at 0.5 and each patch size's optimum."""
+    """Every rank labels its share of the stage's images with the base `probability` and puts
+    them in the store. Returns the base's IoU at 0.5 and each patch size's optimum."""
     grid = threshold_grid(steps, run.device)
     searched = [WHOLE_IMAGE, *sizes]  # the image-level optimum is measured, not stored
     counts = torch.zeros(len(searched) + 1, 2, dtype=torch.float64)  # base@0.5, searched
@@ -65,10 +65,9 @@ def make_labels(probability: Callable[[torch.Tensor], torch.Tensor], run: StageR
             h, w = run.dataset[index[image_id]][1].shape
             for patch, (labels, thresholds) in zip(sizes, per_size, strict=True):
                 mine.append((label_key(image_id, patch), labels[j, :h, :w], thresholds[j, :h, :w]))
-    gathered = dist.gather_objects(mine)
-    if gathered is not None:
-        _write_labels([item for part in gathered for item in part], run)
-    dist.all_reduce_sum(counts)
+    _need_store(run)
+    run.state.put_many(mine, chunk=LABEL_CHUNK)  # returns once they are in
+    dist.all_reduce_sum(counts)  # (and no rank reads the labels before every rank put them)
     return _label_report(counts, searched, len(run.dataset), run.log)
 
 
@@ -85,22 +84,12 @@ def _label_report(counts: torch.Tensor, searched: list[int], images: int, log) -
     return out
 
 
-def _write_labels(items: list, run: StageRun) -> None:
+def read_labels(run: StageRun, ids: list[str], sizes: list[int]) -> Labels:
+    """The pseudo-labels of `ids` (a batch) from the store: each rank reads only its own."""
     _need_store(run)
-    run.state.put_many(items, chunk=LABEL_CHUNK)
-
-
-def read_labels(run: StageRun, sizes: list[int]) -> Labels:
-    """The stage's images' pseudo-labels from the store, read once by rank 0, sent to all."""
-    labels = None
-    if run.rank == 0:
-        _need_store(run)
-        keys = [label_key(i, size) for i in run.dataset.ids for size in sizes]
-        got = []
-        for start in range(0, len(keys), LABEL_CHUNK):
-            got += run.state.get_labels(keys[start : start + LABEL_CHUNK])
-        labels = {k: (mask, conf) for k, (mask, conf, _) in zip(keys, got, strict=True)}
-    return dist.broadcast_object(labels)
+    keys = [label_key(i, size) for i in ids for size in sizes]
+    got = run.state.get_many(keys, chunk=LABEL_CHUNK)
+    return {k: (mask, conf) for k, (mask, conf, _) in zip(keys, got, strict=True)}
 
 
 def stored_targets(batch: Batch, prob: torch.Tensor, labels: Labels, sizes: list[int],

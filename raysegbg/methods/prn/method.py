@@ -33,15 +33,22 @@ import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 from torch import nn
 
 from raysegbg import dist
-from raysegbg.config import Config, to_dict
+from raysegbg.config import Config
 from raysegbg.data.loader import in_holdout, not_in_holdout
 from raysegbg.errors import RaysegbgError
-from raysegbg.methods.base import Batch, Method, SharedStage, Stage, StageRun, StepInfo
+from raysegbg.methods.base import (
+    Batch,
+    Method,
+    SharedStage,
+    Stage,
+    StageRun,
+    StepInfo,
+    training_settings,
+)
 from raysegbg.methods.losses import cross_entropy, soft_dice
 from raysegbg.methods.patch_thresholds import WHOLE_IMAGE, foreground_iou, patch_map, threshold_grid
 from raysegbg.methods.prn.bases import load_base, tb_rows
@@ -95,7 +102,7 @@ class Prn(Method):
         self.trainable = {n for n, q in self.named_parameters() if q.requires_grad}
         self.stage: PrnStage = self.stages()[0]
         self.inference_head: int | None = None  # None: the mean of every head
-        self.labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (label, thresholds)
+        self.run: StageRun | None = None  # the refine stage's: its store serves the labels
         self.shown: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -130,25 +137,22 @@ class Prn(Method):
     BASE_VERSION = "1"  # raise when what the base stage trains changes
 
     def shared_stage(self, stage: Stage) -> SharedStage | None:
-        """The base stage (not a fold's): trials of a search over the refiner's settings, and
-        later runs, reuse one trained base. Its key holds every setting it trains by."""
-        if stage.part != "base" or not stage.epochs or stage.fold is not None:
+        """A trained base (the refined one, or a cross-fit fold's): trials of a search over the
+        refiner's settings, and later runs, reuse it. Its key holds every setting it trains by."""
+        if stage.part != "base" or not stage.epochs:
             return None
-        cfg, p = self.cfg, self.params
-        settings = {f"{section}.{k}": v for section in ("data", "model", "optim")
-                    for k, v in to_dict(cfg)[section].items()}  # fmt: skip
-        for key in ("workers", "prefetch", "cache"):  # speed only
-            settings.pop(f"data.{key}")
-        train = cfg.train
+        p = self.params
+        settings = training_settings(self.cfg)
         settings.update({
-            "train.batch_size": train.batch_size, "train.steps_per_epoch": train.steps_per_epoch,
-            "train.amp": train.amp, "scaling.workers": cfg.scaling.workers,
-            "scaling.use_gpu": cfg.scaling.use_gpu, "logging.score": cfg.logging.score,
             "method.prn.base_epochs": p.base_epochs, "method.prn.holdout": p.holdout,
             "method.prn.holdout_group": p.holdout_group, "method.prn.dice_weight": p.dice_weight,
             "method.prn.cross_fit": p.cross_fit,
         })  # fmt: skip
-        return SharedStage("prn-base", settings, ("base.",), self.BASE_VERSION)
+        if stage.fold is None:
+            return SharedStage("prn-base", settings, ("base.",), self.BASE_VERSION)
+        k = stage.fold
+        return SharedStage(f"prn-fold{k + 1}-base", {**settings, "fold": k},
+                           (f"fold_bases.{k}.",), self.BASE_VERSION)  # fmt: skip
 
     def use_stage(self, name: str) -> None:
         """Predict, label and train as stage `name` does (checkpoints, tests)."""
@@ -174,8 +178,7 @@ class Prn(Method):
         for name, param in self.named_parameters():
             on = prefix is not None and name.startswith(prefix) and name in self.trainable
             param.requires_grad_(on)
-        if stage.part == "refine":
-            self.labels = read_labels(run, self.label_sizes)
+        self.run = run if stage.part == "refine" else None
 
     def run_stage(self, stage: PrnStage, run: StageRun) -> dict[str, float]:
         if stage.part == "base":  # a one-shot base stage loads `base_checkpoint`
@@ -306,7 +309,8 @@ class Prn(Method):
         if self.params.refine_augment:
             return searched_targets(batch, prob, self.label_sizes, self.params.thresholds,
                                     self.ignore_index)  # fmt: skip
-        return stored_targets(batch, prob, self.labels, self.label_sizes, self.ignore_index)
+        labels = read_labels(self.run, batch.ids, self.label_sizes)
+        return stored_targets(batch, prob, labels, self.label_sizes, self.ignore_index)
 
     # -- inference ------------------------------------------------------------------------
     combine = staticmethod(combine)

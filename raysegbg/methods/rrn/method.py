@@ -237,14 +237,13 @@ class Rrn(Method):
         return out
 
     def _store(self, items: list) -> None:
-        gathered = dist.gather_objects(items)
-        if gathered is None:
-            return
+        """Each rank puts its own images' pseudo-labels in the run's store."""
         run = self.run
         if run.state is None:
-            run.log("rrn: no shared state on rank 0, pseudo-labels not stored")
+            if run.rank == 0:
+                run.log("rrn: no shared state, pseudo-labels not stored")
             return
-        run.state.put_many([item for part in gathered for item in part])
+        run.state.put_many(items)
 
     # -- TensorBoard ----------------------------------------------------------------------
     def tb_images(self) -> dict[str, np.ndarray]:
