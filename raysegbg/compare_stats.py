@@ -115,6 +115,17 @@ class Row:
     metrics: dict[str, float]
 
 
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """(mean, std, how many were undefined) over the defined values: a run that predicts no
+    foreground has no precision (nan); it is left out and counted, not allowed to blank the
+    mean. (nan, nan, n) when none is defined."""
+    defined = [v for v in values if math.isfinite(v)]
+    if not defined:
+        return math.nan, math.nan, len(values)
+    std = statistics.stdev(defined) if len(defined) > 1 else 0.0
+    return statistics.fmean(defined), std, len(values) - len(defined)
+
+
 def summarize(rows: list[Row], metric: str = "miou") -> list[dict[str, object]]:
     """One line per method: mean ± std of every metric, the paired difference of `metric` to
     the baseline and to the method's control, and the verdicts."""
@@ -130,11 +141,7 @@ def summarize(rows: list[Row], metric: str = "miou") -> list[dict[str, object]]:
             continue
         line: dict[str, object] = {"method": method, "seeds": len(seeds)}
         for m in METRICS:
-            values = [s[m] for s in seeds.values() if m in s]
-            line[m] = (
-                statistics.fmean(values),
-                statistics.stdev(values) if len(values) > 1 else 0.0,
-            )
+            line[m] = mean_std([s[m] for s in seeds.values() if m in s])
         if method != BASELINE:
             common = sorted(set(seeds) & set(base))
             vs_base = paired([seeds[s][metric] for s in common], [base[s][metric] for s in common])
@@ -154,6 +161,13 @@ def summarize(rows: list[Row], metric: str = "miou") -> list[dict[str, object]]:
 
 def _pct(x: float) -> str:
     return f"{100 * x:+.2f}" if not math.isnan(x) else "n/a"
+
+
+def _mean_std(mean: float, std: float, undefined: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    text = f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return text + (f" ({undefined} n/a)" if undefined else "")
 
 
 def _diff(d: Paired | None) -> str:
@@ -178,12 +192,12 @@ def write_report(lines: list[dict[str, object]], folder: Path, metric: str = "mi
                       "mechanism"])  # fmt: skip
         for line in lines:
             base, ctrl = line.get("vs_baseline"), line.get("vs_control")
-            cells = [f"{100 * line[m][0]:.2f} ± {100 * line[m][1]:.2f}" for m in METRICS]
+            cells = [_mean_std(*line[m]) for m in METRICS]
             md.append("| " + " | ".join([str(line["method"]), str(line.get("supervision", "masks")),
                       str(line["seeds"]), *cells,
                       _diff(base), str(line.get("verdict", "-")), _diff(ctrl),
                       str(line.get("mechanism", "-"))]) + " |")  # fmt: skip
-            stats = [v for m in METRICS for v in line[m]]
+            stats = [v for m in METRICS for v in line[m][:2]]
             b = [base.mean, base.low, base.high, base.p_t, base.p_sign] if base else [""] * 5
             c = [ctrl.mean, ctrl.low, ctrl.high, ctrl.p_t] if ctrl else [""] * 4
             out.writerow([line["method"], line.get("supervision", "masks"), line["seeds"], *stats,

@@ -82,3 +82,18 @@ def test_summary_verdicts_and_report(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="baseline"):
         summarize([r for r in rows() if r.method != "baseline"])
+
+
+def test_an_undefined_metric_is_left_out_and_counted(tmp_path):
+    """A run that predicts no foreground has no precision (nan): the mean is over the others
+    and the table says how many were undefined; a metric no run defines reads n/a."""
+    out = [r for r in rows() if r.method in ("baseline", "good")]
+    out[1] = Row("good", "method", 0, {**out[1].metrics, "precision": math.nan})
+    out = [Row(r.method, r.variant, r.seed, {**r.metrics, "fpr": math.nan})
+           if r.method == "baseline" else r for r in out]  # fmt: skip
+    lines = {line["method"]: line for line in summarize(out)}
+    assert lines["good"]["precision"] == (pytest.approx(0.7), 0.0, 1)
+    assert all(math.isnan(v) for v in lines["baseline"]["fpr"][:2])
+    write_report(list(lines.values()), tmp_path)
+    table = (tmp_path / "compare.md").read_text()
+    assert "70.00 ± 0.00 (1 n/a)" in table and "| n/a |" in table
