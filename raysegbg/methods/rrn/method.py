@@ -193,7 +193,7 @@ class Rrn(Method):
 
     # -- end of epoch: label the unlabeled images -----------------------------------------
     def after_epoch(self, val_batches) -> dict[str, float]:
-        """Every rank labels its share of the unlabeled images; rank 0 stores them all (key
+        """Every rank labels its share of the unlabeled images and stores them (key
         `<id>@net1` / `@net2`: that network's pseudo-label, with its discriminator's region
         scores, row-major over the ceil(H/region) × ceil(W/region) grid). Returns the accuracy
         of kept and of dropped regions against the hidden ground truth."""
