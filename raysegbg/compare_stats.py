@@ -22,19 +22,23 @@ LOWER_IS_BETTER = {"fpr"}
 BASELINE = "baseline"
 
 
-def _t_pdf(x: float, df: int) -> float:
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(log_c) * (1 + x * x / df) ** (-(df + 1) / 2)
-
-
 def t_cdf(x: float, df: int) -> float:
-    """Student-t CDF by Simpson integration of the density from 0 (symmetric)."""
-    n = 2000
-    h = abs(x) / n
-    area = _t_pdf(0, df) + _t_pdf(abs(x), df)
-    area += sum((4 if k % 2 else 2) * _t_pdf(k * h, df) for k in range(1, n))
-    half = area * h / 3
-    return 0.5 + half if x >= 0 else 0.5 - half
+    """Student-t CDF for an integer df, in closed form (Abramowitz & Stegun 26.7.3-4: a finite
+    series in cos(θ), θ = atan(|x| / √df)), exact for any |x|, however large."""
+    theta = math.atan(abs(x) / math.sqrt(df))
+    sin, cos2 = math.sin(theta), math.cos(theta) ** 2
+    series, term = 1.0, 1.0
+    if df % 2:  # odd: (2/π)(θ + sinθ cosθ (1 + 2/3 cos²θ + 2·4/(3·5) cos⁴θ + ...))
+        for k in range(1, (df - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * cos2
+            series += term
+        inside = 2 / math.pi * (theta + (sin * math.cos(theta) * series if df > 1 else 0.0))
+    else:  # even: sinθ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ...)
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * cos2
+            series += term
+        inside = sin * series
+    return 0.5 + inside / 2 if x >= 0 else 0.5 - inside / 2
 
 
 def t_quantile(p: float, df: int) -> float:

@@ -97,3 +97,15 @@ def test_an_undefined_metric_is_left_out_and_counted(tmp_path):
     write_report(list(lines.values()), tmp_path)
     table = (tmp_path / "compare.md").read_text()
     assert "70.00 ± 0.00 (1 n/a)" in table and "| n/a |" in table
+
+
+def test_t_cdf_is_exact_far_in_the_tail():
+    """Two seeds whose differences agree to 1e-5 give a huge t: the p-value is tiny, not
+    negative (the earlier numerical integration returned p_t = -1.23 here)."""
+    for df in (1, 2, 3, 4, 9):
+        assert t_cdf(0.0, df) == pytest.approx(0.5)
+        assert 0.0 <= 1 - t_cdf(1e6, df) < 1e-5
+        assert t_cdf(-2.0, df) == pytest.approx(1 - t_cdf(2.0, df))
+    assert t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy
+    d = paired([0.05, 0.0500001], [0.60, 0.6000002])
+    assert 0.0 <= d.p_t < 1e-3
