@@ -16,18 +16,17 @@ mechanism off).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raysegbg import storage
 from raysegbg.compare_stats import BASELINE, METRICS, Row, summarize, write_report
 from raysegbg.config import Config, from_dict, load_config, to_dict
 from raysegbg.errors import RaysegbgError
@@ -183,30 +182,15 @@ def tune_methods(opts: CompareOptions, folder: Path, score: str, log=print) -> d
             resume=name if (root / name / SEARCH_FILE).is_file() else "",
         )  # fmt: skip
         log(f"compare: choosing {method}'s settings: {opts.tune} trials on validation")
-        with _environment_kept():  # a search sets Tune's logging variables for its own run
-            best = run_search(search).best
+        best = run_search(search).best
         if best is None:
             raise RaysegbgError(
                 f"the search of {method}'s settings ended with no scored trial: see "
                 f"{root / name}, then run the same command again"
             )
         chosen[method] = {k: v for k, v in best.params.items() if k != "method.name"}
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(chosen, indent=1, default=str) + "\n")
-        tmp.replace(record)
+        storage.write_text(record, json.dumps(chosen, indent=1, default=str) + "\n")
     return chosen
-
-
-@contextlib.contextmanager
-def _environment_kept() -> Iterator[None]:
-    """Put os.environ back as it was (the final runs' grid keeps Tune's default loggers)."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _train_cells(todo: dict[Cell, Config], max_concurrent: int, folder: Path) -> None:

@@ -7,12 +7,14 @@ or a Ray job's copy of the project, has none: `git` is then null).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,26 @@ PACKAGES = {  # key in the record -> distribution name
 }
 # what may differ between two starts of one environment
 VOLATILE = ("started", "earlier", "ray_address")
+
+
+@contextlib.contextmanager
+def environ(**values: str | None) -> Iterator[None]:
+    """Set these environment variables (None: remove one) for the block, then put back what
+    was there before."""
+    saved = {name: os.environ.get(name) for name in values}
+
+    def apply(changes: dict[str, str | None]) -> None:
+        for name, value in changes.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    apply(values)
+    try:
+        yield
+    finally:
+        apply(saved)
 
 
 def environment() -> dict[str, Any]:

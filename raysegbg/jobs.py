@@ -147,16 +147,6 @@ def _token_error(url: str, forbidden: bool) -> RaysegbgError:
 
 
 @contextmanager
-def _hidden_env(*names: str) -> Iterator[None]:
-    """Ray lets $RAY_ADDRESS override the client's address argument: hide it meanwhile."""
-    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
-@contextmanager
 def _quiet_ray_logs() -> Iterator[None]:
     """Hide Ray's INFO lines about packaging and sockets; the CLI prints its own summary."""
     ray_logger, working_dir = (
@@ -179,7 +169,10 @@ def connect(address: str | None, insecure_http: bool = False) -> Connection:
     check_reachable(url)
     from ray.job_submission import JobSubmissionClient
 
-    with _errors(url), _hidden_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+    from raysegbg.environment import environ
+
+    # Ray lets $RAY_ADDRESS override the client's address argument: hide it meanwhile
+    with _errors(url), environ(RAY_ADDRESS=None, RAY_API_SERVER_ADDRESS=None):
         try:
             return Connection(url, JobSubmissionClient(url))
         except RuntimeError as exc:  # an HTTP server, but no Jobs API behind it

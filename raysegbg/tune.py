@@ -36,6 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raysegbg import failures, storage
 from raysegbg.config import Config, check_name, from_dict, load_config, replace, to_dict
+from raysegbg.environment import environ
 from raysegbg.errors import RaysegbgError
 from raysegbg.ray_train import init_ray, preflight, resolve_run, run_trainer
 from raysegbg.search_space import SearchSpace, apply_params, load_space, parse_space
@@ -88,24 +89,25 @@ def run_search(opts: SearchOptions, callbacks: list[Any] | None = None) -> Searc
     plan = _resume_plan(opts) if opts.resume else _new_plan(opts)
     # a resumed trial restarts Tune's iteration count; Optuna then warns on every epoch
     warnings.filterwarnings("ignore", message="The reported value is ignored")
-    # our writers own TensorBoard (one session per trial); Tune keeps its CSV/JSON results only
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    # Tune's newer console output picks its table's metrics itself (the first few reported:
-    # train losses); the documented CLIReporter (`_status_table`) shows the searched one
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    init_ray(opts.address)
-    search_dir = storage.location(plan["search_dir"])
-    # trials that agree on a stage's settings share its result (prn's base): computed once
-    service_id = f"{plan['name']}-{uuid.uuid4().hex[:8]}"  # unique: drivers never share one
-    service = start_service(service_id, str(search_dir.parent))  # noqa: F841 (kept alive)
-    trainable = _trainable(plan, service_name(service_id))
-    if opts.resume:
-        tuner = ray.tune.Tuner.restore(str(search_dir), trainable, resume_errored=False)
-    else:
-        tuner = _new_tuner(plan, trainable, list(callbacks or []))
-    with failures.on_sigterm(_stop_search):
-        results = tuner.fit()
-    return _finish(plan, results)
+    # for this search only (a later Tuner in the process, e.g. compare's grid, keeps Tune's
+    # defaults): our writers own TensorBoard (one session per trial), Tune keeps its CSV/JSON
+    # results only; and Tune's newer console output picks its table's metrics itself (the
+    # first few reported: train losses), the documented CLIReporter (`_status_table`) shows
+    # the searched one
+    with environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
+        init_ray(opts.address)
+        search_dir = storage.location(plan["search_dir"])
+        # trials that agree on a stage's settings share its result (prn's base): computed once
+        service_id = f"{plan['name']}-{uuid.uuid4().hex[:8]}"  # unique: drivers never share one
+        service = start_service(service_id, str(search_dir.parent))  # noqa: F841 (kept alive)
+        trainable = _trainable(plan, service_name(service_id))
+        if opts.resume:
+            tuner = ray.tune.Tuner.restore(str(search_dir), trainable, resume_errored=False)
+        else:
+            tuner = _new_tuner(plan, trainable, list(callbacks or []))
+        with failures.on_sigterm(_stop_search):
+            results = tuner.fit()
+        return _finish(plan, results)
 
 
 def _stop_search(previous: Any) -> None:
