@@ -73,8 +73,8 @@ class SharedState:
         self.store = PseudoLabelStore()
         self.incarnation = self._read_incarnation()
         self.refused = 0  # sends from a replaced worker group
-        self._persisted: dict[str, Any] = {"memories": {}, "labels": 0}
         self.restored = self._load()
+        self._persisted = self._marks()  # what is on storage now (see `persist`)
 
     # -- worker groups --------------------------------------------------------------------
     def attach(self) -> int:
@@ -143,31 +143,33 @@ class SharedState:
             self.memories, self.store = {}, PseudoLabelStore()
             self._load_memories(Path(tmp))
             self._load_labels(Path(tmp))
-        self._persisted = {"memories": None, "labels": None}  # both differ from what is stored
+        self._persisted = {}  # both parts differ from what is on storage
         self.persist()
         return self.info()
 
     def persist(self) -> list[str]:
         """Publish the parts that changed since they were last persisted; returns their names."""
-        written = []
-        versions = {name: v for name, (v, _) in self.memories.items()}
-        if versions != self._persisted["memories"]:
+        marks = self._marks()
+        written = [part for part, mark in marks.items() if self._persisted.get(part) != mark]
+        if "memories" in written:
             with storage.staging(self.state_dir / "memories") as tmp:
                 self._write_memories(tmp)
                 storage.publish_dir(tmp, self.state_dir / "memories")
-            self._persisted["memories"] = versions
-            written.append("memories")
-        if self.store.generation != self._persisted["labels"]:
-            with storage.staging(self.state_dir / "labels") as tmp:
-                self.store.write_shards(tmp)
-                storage.publish_dir(tmp, self.state_dir / "labels")
-            self._persisted["labels"] = self.store.generation
-            written.append("labels")
+        if "labels" in written:
+            self.store.save(self.state_dir / "labels")
+        self._persisted = marks
         return written
+
+    def _marks(self) -> dict[str, Any]:
+        """What tells each part's content apart: the memories' versions, the store's puts."""
+        return {"memories": self._versions(), "labels": self.store.generation}
+
+    def _versions(self) -> dict[str, int]:
+        return {name: version for name, (version, _) in self.memories.items()}
 
     def info(self) -> dict[str, Any]:
         return {
-            "memories": {k: v[0] for k, v in self.memories.items()},
+            "memories": self._versions(),
             "labels": len(self.store),
             "restored": self.restored,
             "incarnation": self.incarnation,
@@ -176,10 +178,9 @@ class SharedState:
         }
 
     def _write_memories(self, folder: Path) -> None:
-        versions = {name: v for name, (v, _) in self.memories.items()}
         for name, (_, arrays) in self.memories.items():
             (folder / f"memory-{name}.npz").write_bytes(_npz_bytes(arrays))
-        (folder / "memories.json").write_text(json.dumps(versions))
+        (folder / "memories.json").write_text(json.dumps(self._versions()))
 
     def _load_memories(self, folder: Path) -> bool:
         if not (folder / "memories.json").is_file():
@@ -206,10 +207,6 @@ class SharedState:
                 if storage.is_uri(current):
                     current = storage.download_dir(current, Path(tmp))
                 found = load(Path(current)) or found
-        self._persisted = {
-            "memories": {name: v for name, (v, _) in self.memories.items()},
-            "labels": self.store.generation,
-        }
         return found
 
 

@@ -117,13 +117,12 @@ class PseudoLabelStore:
             table = self._table(ids[start : start + SHARD_ROWS])
             pq.write_table(table, Path(directory) / f"labels-{k:05d}.parquet")
 
-    def save(self, directory: Path) -> Path:
+    def save(self, directory: storage.Location) -> None:
         """Publish all entries as the new version of `directory` (`storage.publish_dir`: a
         reader finds the old version or the new one, never none)."""
         with storage.staging(directory) as tmp:
             self.write_shards(tmp)
             storage.publish_dir(tmp, directory)
-        return Path(directory)
 
     @classmethod
     def load(cls, directory: Path) -> PseudoLabelStore:

@@ -340,9 +340,7 @@ class Fbr(Method):
                 h, w = truth[index[image_id]][1].shape
                 items.append((label_key(image_id), labels[j, :h, :w].to(torch.uint8).numpy(),
                               peak[j, :h, :w].numpy()))  # fmt: skip
-        if run.state is None:
-            raise RaysegbgError("fbr needs the run's shared state for its pseudo-label store")
-        run.state.put_many(items, chunk=CHUNK)  # returns once they are in
+        store(run).put_many(items, chunk=CHUNK)  # returns once they are in
         dist.all_reduce_sum(cm)  # (and no rank reads the masks before every rank put them)
         report = summarize(cm.numpy(), truth.meta.classes)
         out.update({f"pseudo/{k}": v for k, v in report.items() if "/" not in k})
@@ -440,11 +438,16 @@ class Fbr(Method):
                 .flatten().cpu().numpy()}  # fmt: skip
 
 
+def store(run: StageRun):
+    """The run's pseudo-label store (its shared-state client)."""
+    if run.state is None:
+        raise RaysegbgError("fbr needs the run's shared state for its pseudo-label store")
+    return run.state
+
+
 def read_masks(run: StageRun) -> dict[str, np.ndarray]:
     """The stage's images' pseudo masks, read by every rank from the store (a rank's loader
     visits every image over the epochs; the masks are small: uint8)."""
-    if run.state is None:
-        raise RaysegbgError("fbr needs the run's shared state for its pseudo-label store")
     ids = list(run.dataset.ids)
-    got = run.state.get_many([label_key(i) for i in ids], chunk=CHUNK)
+    got = store(run).get_many([label_key(i) for i in ids], chunk=CHUNK)
     return {i: mask for i, (mask, _, _) in zip(ids, got, strict=True)}
