@@ -8,11 +8,12 @@ Same networks, data, schedule and seeds in every variant; only the contrastive t
 
 Every run chooses its CAM threshold on the validation split (`cam_threshold=0`), then trains
 the segmentation network on its pseudo masks. Columns (mean ± std over seeds, ×100):
-pseudo-mask mIoU on the training images (against their masks, never used for training); the
-false-positive rate inside the co-occurring background (the share of background pixels of a
-class's own texture, e.g. water under a boat, that the pseudo masks call foreground; the
-built-in `contexts` set only); the segmentation network's mIoU on validation and, once, on
-the test split.
+the CAM classifier's image-label F1 on validation (which classes it finds in an image: CAMs
+cannot localise a class the classifier misses); pseudo-mask mIoU on the training images
+(against their masks, never used for training); the false-positive rate inside the
+co-occurring background (the share of background pixels of a class's own texture, e.g. water
+under a boat, that the pseudo masks call foreground; the built-in `contexts` set only); the
+segmentation network's mIoU on validation and, once, on the test split.
 
 Tasks: the built-in `contexts` set, and the MRI lobes (mricron-data ch2 + AAL grouped into 7
 lobes; image-level labels derived from the masks) when mricron-data is installed.
@@ -55,9 +56,12 @@ VARIANTS = {
 
 
 def pseudo_scalars(run: Path) -> dict[str, float]:
+    """The pseudo masks' mIoU and CAM threshold, and the CAM classifier's image-label F1 on
+    validation at the end of the CAM stage."""
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: acc.Scalars(tag)[-1].value for tag in ("pseudo/miou", "pseudo/threshold")}
+    tags = ("pseudo/miou", "pseudo/threshold", "fbr/val_label_f1")
+    return {tag: acc.Scalars(tag)[-1].value for tag in tags}
 
 
 def context_fp(run: Path, maps: dict[str, np.ndarray]) -> float:
@@ -143,6 +147,7 @@ def main() -> None:
                                             seed, root, maps)  # fmt: skip
                         runs.append(r)
                         print(f"{task:<10} {variant:<6} {' '.join(option)} seed {seed}  "
+                              f"label F1 {r['fbr/val_label_f1']:.4f}  "
                               f"pseudo {r['pseudo/miou']:.4f} (t {r['pseudo/threshold']:.2f})  "
                               f"context fp {r['context_fp']:.4f}  val {r['val']:.4f}  "
                               f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
@@ -153,7 +158,8 @@ def main() -> None:
                     r["test"] = evaluate_run(r["run"], "test", "last")["miou"]
             for variant, runs in results.items():
                 cols = "".join(cell([r[k] for r in runs])
-                               for k in ("pseudo/miou", "context_fp", "val", "test"))  # fmt: skip
+                               for k in ("fbr/val_label_f1", "pseudo/miou", "context_fp", "val",
+                                         "test"))  # fmt: skip
                 thresholds = "/".join(f"{r['pseudo/threshold']:.2f}" for r in runs)
                 lines.append(f"{task:<11}{variant:<8}{cols}   {thresholds}   {chosen[variant]}")
             m = {v: {k: finite_mean([r[k] for r in runs]) * 100 for k in ("pseudo/miou", "test")}
@@ -166,8 +172,9 @@ def main() -> None:
             ]  # fmt: skip
     print(f"\nseeds {args.seeds}; CAM {args.cam_epochs} + segmentation {args.epochs} epochs x "
           f"{args.steps} steps; {args.size} px; extra {args.set}\n")  # fmt: skip
-    head = (f"{'task':<11}{'variant':<8}{'pseudo mIoU':>15}{'context FP':>15}{'val mIoU':>15}"
-            f"{'test mIoU':>15}   CAM threshold per seed   setting (chosen on val)")  # fmt: skip
+    head = (f"{'task':<11}{'variant':<8}{'label F1':>15}{'pseudo mIoU':>15}{'context FP':>15}"
+            f"{'val mIoU':>15}{'test mIoU':>15}   CAM threshold per seed   "
+            "setting (chosen on val)")  # fmt: skip
     print(head + "\n" + "-" * len(head) + "\n" + "\n".join(lines))
     sys.exit(report(goals))
 

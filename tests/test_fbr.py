@@ -20,7 +20,7 @@ from raysegbg.data.synthetic import context_maps, make_dataset
 from raysegbg.errors import RaysegbgError
 from raysegbg.local import train_local
 from raysegbg.methods.fbr.contrast import cam_labels, kmeans, normalized_cams, sample
-from raysegbg.methods.fbr.method import Fbr, label_key
+from raysegbg.methods.fbr.method import Fbr, label_counts, label_key
 from raysegbg.state.store import PseudoLabelStore
 from raysegbg.train import Trainer, WorkerContext
 from tests.conftest import tiny_overrides
@@ -185,8 +185,19 @@ def test_the_stages_store_pseudo_masks_and_the_segmenter_learns_them(contexts, t
     assert "bank.bank" in state["method"] and state["method"]["bank.count"] > 0
     assert pick_checkpoint(tmp_path / "run", "last").name == "epoch_0003"  # cam, masks, segment
     logged = tags(tmp_path / "run" / "tb")
-    assert {"train/nroi", "train/intra", "pseudo/miou", "fbr/bank_filled"} <= set(logged["scalars"])
+    assert {"train/nroi", "train/intra", "pseudo/miou", "fbr/bank_filled",
+            "fbr/val_label_f1"} <= set(logged["scalars"])  # fmt: skip
     assert {"fbr/cams_first_now_pseudo_truth", "fbr/nroi_clusters"} <= set(logged["images"])
+
+
+def test_the_classifier_is_scored_on_the_classes_each_mask_holds():
+    masks = torch.zeros(3, 4, 4, dtype=torch.long)
+    masks[0, 0, 0], masks[1, :2] = 1, 3  # image 0: class 1; image 1: class 3; image 2: none
+    masks[2, 3, 3] = 255  # ignored pixels are no class
+    found = torch.tensor([[True, False, False], [True, False, True], [False, False, False]])
+    tp, fp, fn, images = label_counts(found, masks, num_classes=4).tolist()
+    assert (tp, fp, fn, images) == (2, 1, 0, 3)
+    assert label_counts(~found, masks, num_classes=4).tolist() == [0, 6, 2, 3]
 
 
 def test_data_and_settings_are_checked(contexts, tmp_path):

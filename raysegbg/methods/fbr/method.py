@@ -116,6 +116,15 @@ class CamNet(nn.Module):
         }
 
 
+def label_counts(found: torch.Tensor, masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(true positives, false positives, false negatives, images) of image-level decisions
+    `found` (B, K: foreground classes 1..K) against the classes present in `masks`."""
+    present = torch.stack([(masks == k).flatten(1).any(1) for k in range(1, num_classes)], 1)
+    found = found.to(present.device)
+    return torch.tensor([(found & present).sum(), (found & ~present).sum(),
+                         (~found & present).sum(), len(masks)], dtype=torch.float64)  # fmt: skip
+
+
 def class_logits(scores: torch.Tensor, top: float) -> torch.Tensor:
     """Image-level class logits (B, K): the mean of each score map's highest `top` share of
     pixels (1: the global average)."""
@@ -382,16 +391,26 @@ class Fbr(Method):
     # -- TensorBoard ----------------------------------------------------------------------
     @torch.no_grad()
     def after_epoch(self, val_batches) -> dict[str, float]:
-        """CAM stage: keep the first validation images' CAMs (and those of the first epoch this
-        process ran) and one image's NROI clusters for TensorBoard."""
+        """CAM stage: how well the classifier finds each validation image's classes (the
+        image-level labels its masks imply: CAMs cannot be better than that), and, for
+        TensorBoard, the first validation images' CAMs (and those of the first epoch this
+        process ran) and one image's NROI clusters."""
         if self.stage.name != "cam":
             return {}
         was_training = self.training
         self.eval()
-        batch = next(iter(val_batches()), None)
-        if batch is not None:
+        counts = torch.zeros(4, dtype=torch.float64)  # true pos., false pos., false neg., images
+        first = None
+        for batch in val_batches():
+            out = self.cam(batch.images)
+            found = class_logits(out["scores"], self.params.pool_top) > 0
+            counts += label_counts(found, batch.masks, self.num_classes)
+            first = (batch, out) if first is None else first
+        dist.all_reduce_sum(counts)
+        if first is not None:
+            batch, out = first
             images, masks = batch.images[:SHOWN], batch.masks[:SHOWN]
-            out = self.cam(images)
+            out = {k: v[:SHOWN] for k, v in out.items()}
             present = class_logits(out["scores"], self.params.pool_top) > 0
             cams = normalized_cams(out["scores"], present)
             if self.first_cams is None:
@@ -404,7 +423,11 @@ class Fbr(Method):
             _, assign, _ = kmeans(z, ok, self.params.nrois, self.params.kmeans_iters)
             self.clusters = (images[0], idx[0][ok[0]], assign[0][ok[0]])
         self.train(was_training)
-        return {"fbr/bank_filled": float(self.bank.count)}
+        tp, fp, fn, _ = counts.tolist()
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+        return {"fbr/bank_filled": float(self.bank.count), "fbr/val_label_f1": f1,
+                "fbr/val_label_precision": tp / (tp + fp) if tp + fp else float("nan"),
+                "fbr/val_label_recall": tp / (tp + fn) if tp + fn else float("nan")}  # fmt: skip
 
     def tb_images(self) -> dict[str, np.ndarray]:
         """Rows of image | CAM at this process's first epoch | CAM now | pseudo mask | truth;
