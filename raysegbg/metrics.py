@@ -24,6 +24,13 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
+def f1_scores(tp: float, fp: float, fn: float) -> dict[str, float]:
+    """F1 (Dice), precision and recall from true/false positive and false negative counts
+    (NaN where undefined)."""
+    return {"f1": _ratio(2 * tp, 2 * tp + fp + fn), "precision": _ratio(tp, tp + fp),
+            "recall": _ratio(tp, tp + fn)}  # fmt: skip
+
+
 def summarize(cm: np.ndarray, class_names: list[str] | None = None) -> dict[str, float]:
     """Every validation metric, keyed by its TensorBoard tag suffix."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -38,9 +45,8 @@ def summarize(cm: np.ndarray, class_names: list[str] | None = None) -> dict[str,
     fg_fp = cm[0, 1:].sum()
     fg_fn = cm[1:, 0].sum()
     bg_tn = cm[0, 0]
-    out["fg_dice"] = _ratio(2 * fg_tp, 2 * fg_tp + fg_fp + fg_fn)
-    out["precision"] = _ratio(fg_tp, fg_tp + fg_fp)
-    out["recall"] = _ratio(fg_tp, fg_tp + fg_fn)
+    fg = f1_scores(fg_tp, fg_fp, fg_fn)
+    out.update(fg_dice=fg["f1"], precision=fg["precision"], recall=fg["recall"])
     out["fpr"] = _ratio(fg_fp, fg_fp + bg_tn)
     return out
 

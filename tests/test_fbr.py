@@ -195,9 +195,9 @@ def test_the_classifier_is_scored_on_the_classes_each_mask_holds():
     masks[0, 0, 0], masks[1, :2] = 1, 3  # image 0: class 1; image 1: class 3; image 2: none
     masks[2, 3, 3] = 255  # ignored pixels are no class
     found = torch.tensor([[True, False, False], [True, False, True], [False, False, False]])
-    tp, fp, fn, images = label_counts(found, masks, num_classes=4).tolist()
-    assert (tp, fp, fn, images) == (2, 1, 0, 3)
-    assert label_counts(~found, masks, num_classes=4).tolist() == [0, 6, 2, 3]
+    tp, fp, fn = label_counts(found, masks, num_classes=4).tolist()
+    assert (tp, fp, fn) == (2, 1, 0)
+    assert label_counts(~found, masks, num_classes=4).tolist() == [0, 6, 2]
 
 
 def test_data_and_settings_are_checked(contexts, tmp_path):

@@ -65,7 +65,7 @@ from raysegbg.methods.fbr.contrast import (
 )  # fmt: skip
 from raysegbg.methods.fbr.params import FbrParams
 from raysegbg.methods.losses import cross_entropy, soft_dice, upcast
-from raysegbg.metrics import confusion, summarize
+from raysegbg.metrics import confusion, f1_scores, summarize
 from raysegbg.models import build_model
 from raysegbg.state.memory import RingBank
 
@@ -117,12 +117,12 @@ class CamNet(nn.Module):
 
 
 def label_counts(found: torch.Tensor, masks: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(true positives, false positives, false negatives, images) of image-level decisions
-    `found` (B, K: foreground classes 1..K) against the classes present in `masks`."""
+    """(true positives, false positives, false negatives) of image-level decisions `found`
+    (B, K: foreground classes 1..K) against the classes present in `masks`."""
     present = torch.stack([(masks == k).flatten(1).any(1) for k in range(1, num_classes)], 1)
     found = found.to(present.device)
     return torch.tensor([(found & present).sum(), (found & ~present).sum(),
-                         (~found & present).sum(), len(masks)], dtype=torch.float64)  # fmt: skip
+                         (~found & present).sum()], dtype=torch.float64)  # fmt: skip
 
 
 def class_logits(scores: torch.Tensor, top: float) -> torch.Tensor:
@@ -399,7 +399,7 @@ class Fbr(Method):
             return {}
         was_training = self.training
         self.eval()
-        counts = torch.zeros(4, dtype=torch.float64)  # true pos., false pos., false neg., images
+        counts = torch.zeros(3, dtype=torch.float64)  # true pos., false pos., false neg.
         first = None
         for batch in val_batches():
             out = self.cam(batch.images)
@@ -423,11 +423,9 @@ class Fbr(Method):
             _, assign, _ = kmeans(z, ok, self.params.nrois, self.params.kmeans_iters)
             self.clusters = (images[0], idx[0][ok[0]], assign[0][ok[0]])
         self.train(was_training)
-        tp, fp, fn, _ = counts.tolist()
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-        return {"fbr/bank_filled": float(self.bank.count), "fbr/val_label_f1": f1,
-                "fbr/val_label_precision": tp / (tp + fp) if tp + fp else float("nan"),
-                "fbr/val_label_recall": tp / (tp + fn) if tp + fn else float("nan")}  # fmt: skip
+        labels = f1_scores(*counts.tolist())
+        return {"fbr/bank_filled": float(self.bank.count),
+                **{f"fbr/val_label_{k}": v for k, v in labels.items()}}  # fmt: skip
 
     def tb_images(self) -> dict[str, np.ndarray]:
         """Rows of image | CAM at this process's first epoch | CAM now | pseudo mask | truth;
