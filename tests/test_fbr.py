@@ -19,7 +19,14 @@ from raysegbg.data.loader import SegDataset, TrainLoader
 from raysegbg.data.synthetic import context_maps, make_dataset
 from raysegbg.errors import RaysegbgError
 from raysegbg.local import train_local
-from raysegbg.methods.fbr.contrast import cam_labels, kmeans, normalized_cams, sample
+from raysegbg.methods.fbr.contrast import (
+    cam_labels,
+    intra_loss,
+    kmeans,
+    normalized_cams,
+    nroi_loss,
+    sample,
+)
 from raysegbg.methods.fbr.method import Fbr, label_counts, label_key
 from raysegbg.state.store import PseudoLabelStore
 from raysegbg.train import Trainer, WorkerContext
@@ -105,6 +112,33 @@ def test_sampling_draws_distinct_allowed_positions_and_flags_short_rows():
     assert ok[0].all() and ok[1].sum() == 3
     assert mask[0, idx[0]].all() and len(set(idx[0].tolist())) == 8
     assert set(idx[1][ok[1]].tolist()) == {0, 1, 2}
+
+
+def test_the_contrast_gradients_repeat_exactly_with_two_threads():
+    # Thousands of anchors share a few prototypes: plain indexing (protos[classes]) summed
+    # their gradients in a thread-dependent order and full fbr drifted from run to run.
+    gen = torch.Generator().manual_seed(0)
+    anchors = F.normalize(torch.randn(6000, 16, generator=gen), dim=1)
+    classes = torch.randint(1, 4, (6000,), generator=gen)
+    protos = F.normalize(torch.randn(3, 16, generator=gen), dim=1)
+    nrois = F.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    has = torch.ones(3, dtype=torch.bool)
+
+    def grads():
+        p, pool = protos.clone().requires_grad_(), anchors.clone().requires_grad_()
+        loss = nroi_loss(anchors, classes, p, nrois, 0.1)
+        loss = loss + intra_loss(anchors, classes, p, has, pool, classes, 2000, 0.1,
+                                 torch.Generator().manual_seed(1))  # fmt: skip
+        return torch.autograd.grad(loss, (p, pool))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = grads()
+        for _ in range(5):
+            assert all(torch.equal(a, b) for a, b in zip(first, grads(), strict=True))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def first_batch(cfg):

@@ -52,6 +52,12 @@ def pixel_rows(z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return z.flatten(2).transpose(1, 2).gather(1, index[..., None].expand(-1, -1, z.shape[1]))
 
 
+def rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`table[index]` for a 1-D `index` that repeats rows, with a run-to-run identical
+    gradient: plain indexing's backward adds the repeats in a thread-dependent order on CPU."""
+    return table.index_select(0, index)
+
+
 def kmeans(x: torch.Tensor, valid: torch.Tensor, k: int, iters: int):
     """Spherical k-means of every image's points at once: x (B, N, D) normalised, valid (B, N).
 
@@ -110,7 +116,7 @@ def nroi_loss(anchors, classes, protos, nrois, t: float) -> torch.Tensor:
     pulled to its class prototype and pushed from the background regions `nrois` (M, D)."""
     if not len(anchors) or not len(nrois):
         return anchors.sum() * 0.0
-    return info_nce(anchors, protos[classes - 1], nrois, t)
+    return info_nce(anchors, rows(protos, classes - 1), nrois, t)
 
 
 def intra_loss(anchors, classes, protos, has, pool, pool_classes, count: int, t: float,
@@ -138,7 +144,7 @@ def intra_loss(anchors, classes, protos, has, pool, pool_classes, count: int, t:
         weights = torch.where(others, choose[pool_classes - 1] / per_class[pool_classes - 1], 0.0)
         drawn = torch.multinomial(weights.cpu(), count, replacement=True, generator=gen)
         mine = classes == c
-        negatives = pool[drawn.to(pool.device)]
+        negatives = rows(pool, drawn.to(pool.device))
         total = total + info_nce(anchors[mine], protos[c - 1].expand_as(anchors[mine]),
                                  negatives, t)  # fmt: skip
     return total
