@@ -4,11 +4,16 @@ A fixed share of the training images keeps its masks (`--labeled`, 1/8 by defaul
 are unlabeled, their masks hidden from training and used only to measure the pseudo-labels.
 Same two networks, data, schedule and seeds in every variant; only the method changes:
 
-- supervised: the labeled images only (`cps_weight=0`);
+- supervised: the labeled images only (`cps_weight=0`; `threshold=0`: its kept accuracy is
+  the accuracy of every pseudo-label, as for cps);
 - cps: cross pseudo supervision with CutMix, no filter, no correction (`threshold=0`);
 - rrn: region filtering and disagreement correction, its threshold chosen among
   `--thresholds` by mean validation mIoU over the seeds (the test split is read once, for
-  the table).
+  the table: supervised, cps and the chosen rrn only);
+- oracle (with `--oracle`, a diagnostic, validation only): rrn with each region scored by its
+  true pseudo-label accuracy from the hidden masks (`method.rrn.filter=oracle`) at the chosen
+  threshold: the best a region filter can do there. When it does not beat cps, no
+  discriminator can.
 
 Tasks: the built-in `multiclass` set, and the MRI lobes task (mricron-data ch2 + AAL grouped
 into 7 lobes) when mricron-data is installed. mIoU ×100 on the test split, mean ± std over
@@ -49,17 +54,33 @@ from raysegbg.local import train_local
 KEPT = ("rrn/kept_acc", "rrn/dropped_acc", "rrn/kept_share")
 
 
-def train_and_score(overrides: list[str], seed: int, root: Path) -> dict[str, float]:
-    """One seeded in-process run: val and test mIoU of its best (by validation) checkpoint,
-    and the last epoch's kept / dropped pseudo-label accuracy."""
+def train_and_score(overrides: list[str], seed: int, root: Path) -> dict:
+    """One seeded in-process run: its folder, the val mIoU of its best (by validation)
+    checkpoint, and the last epoch's kept / dropped pseudo-label accuracy. The test split is
+    scored later, and only for the runs the table compares."""
     name = f"r{len(list(root.iterdir()))}"
     cfg = load_config(None, [*overrides, f"train.seed={seed}", f"logging.storage_path={root}",
                              f"logging.name={name}"])  # fmt: skip
     metrics, _ = train_local(cfg, root / name, log=lambda line: None)
     out = {k: metrics.get(k, float("nan")) for k in KEPT}
     out["val"] = evaluate_run(root / name, "val")["miou"]
-    out["test"] = evaluate_run(root / name, "test")["miou"]
+    out["test"], out["run"] = float("nan"), root / name
     return out
+
+
+def train_seeds(task: str, variant: str, overrides: list[str], seeds: list[int],
+                root: Path) -> list[dict]:  # fmt: skip
+    """One variant over the seeds, a line per run."""
+    runs = []
+    for seed in seeds:
+        start = time.perf_counter()
+        r = train_and_score(overrides, seed, root)
+        runs.append(r)
+        print(f"{task:<11} {variant:<11} seed {seed}  val {r['val']:.4f}  kept "
+              f"{r['rrn/kept_acc']:.4f} dropped {r['rrn/dropped_acc']:.4f} share "
+              f"{r['rrn/kept_share']:.3f}  ({time.perf_counter() - start:.0f} s)",
+              flush=True)  # fmt: skip
+    return runs
 
 
 def row(task: str, variant: str, runs: list[dict[str, float]], test: bool) -> str:
@@ -84,16 +105,22 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=160, help="images of the multiclass set")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.97])
     parser.add_argument("--tasks", nargs="+", default=["multiclass", "mri-lobes"])
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also the oracle filter at the chosen threshold (validation only)",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     args = parser.parse_args()
     common = ["method.name=rrn", f"method.rrn.labeled_fraction={args.labeled}",
               "model.encoder_depth=3", "model.decoder_channels=[32,16,8]", "optim.lr=3e-3",
               f"train.epochs={args.epochs}", "train.batch_size=8",
               f"train.steps_per_epoch={args.steps}", f"data.crop_size={args.size}",
-              f"method.rrn.rampup_epochs={args.rampup}", f"method.rrn.warmup_epochs={args.rampup}",
+              f"method.rrn.rampup_share={args.rampup / args.epochs}",
+              f"method.rrn.warmup_share={args.rampup / args.epochs}",
               "logging.image_every=1000", *args.set]  # fmt: skip
     variants = {
-        "supervised": ["method.rrn.cps_weight=0"],
+        "supervised": ["method.rrn.cps_weight=0", "method.rrn.threshold=0"],
         "cps": ["method.rrn.threshold=0", "method.rrn.correction=false"],
         **{f"rrn@{t:g}": [f"method.rrn.threshold={t}"] for t in args.thresholds},
     }
@@ -108,24 +135,39 @@ def main() -> None:
         for task, data in tasks.items():
             root = Path(tmp) / f"runs-{task}"
             root.mkdir()
-            results: dict[str, list[dict[str, float]]] = {}
+            results: dict[str, list[dict]] = {}
             for variant, overrides in variants.items():
-                results[variant] = []
-                for seed in args.seeds:
-                    start = time.perf_counter()
-                    r = train_and_score([*common, f"data.path={data}", *overrides], seed, root)
-                    results[variant].append(r)
-                    print(f"{task:<11} {variant:<11} seed {seed}  val {r['val']:.4f}  test "
-                          f"{r['test']:.4f}  kept {r['rrn/kept_acc']:.4f} dropped "
-                          f"{r['rrn/dropped_acc']:.4f} share {r['rrn/kept_share']:.3f}  "
-                          f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+                results[variant] = train_seeds(
+                    task, variant, [*common, f"data.path={data}", *overrides], args.seeds, root
+                )
             chosen = max((v for v in variants if v.startswith("rrn@")),
                          key=lambda v: finite_mean([r["val"] for r in results[v]]))  # fmt: skip
-            for variant in variants:
-                shown = variant in ("supervised", "cps", chosen)  # test: only what is compared
+            if args.oracle:
+                oracle = [
+                    *common,
+                    f"data.path={data}",
+                    *variants[chosen],
+                    "method.rrn.filter=oracle",
+                ]
+                results[f"oracle@{chosen[4:]}"] = train_seeds(
+                    task, "oracle", oracle, args.seeds, root
+                )
+            for variant in ("supervised", "cps", chosen):  # the test split, read once
+                for r in results[variant]:
+                    r["test"] = evaluate_run(r["run"], "test")["miou"]
+                print(
+                    f"{task:<11} {variant:<11} test "
+                    + " ".join(f"{r['test']:.4f}" for r in results[variant]),
+                    flush=True,
+                )
+            for variant in results:
                 mark = "  <- chosen on val" if variant == chosen else ""
-                rows.append(row(task, variant, results[variant], shown) + mark)
-            test = {v: finite_mean([r["test"] for r in results[v]]) * 100 for v in results}
+                rows.append(
+                    row(task, variant, results[variant], variant in ("supervised", "cps", chosen))
+                    + mark
+                )
+            compared = ("supervised", "cps", chosen)
+            test = {v: finite_mean([r["test"] for r in results[v]]) * 100 for v in compared}
             rrn = results[chosen]
             goals += [
                 check(f"{task}: rrn ({chosen}) test mIoU > supervised", test[chosen],

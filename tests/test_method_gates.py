@@ -88,7 +88,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     if method == "mcibi":
         extra.update({"method.mcibi.dims": 16, "method.mcibi.attention_dims": 8})
     if method == "rrn":  # resumed after the warm-up epoch: filtering starts in the resumed part
-        extra.update({"method.rrn.labeled_fraction": 0.5, "method.rrn.warmup_epochs": 1})
+        extra.update({"method.rrn.labeled_fraction": 0.5, "method.rrn.warmup_share": 0.34})
     if method != "colab":
         del extra["method.colab.update_interval"]
     cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, **extra))

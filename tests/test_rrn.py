@@ -150,6 +150,24 @@ def test_without_unlabeled_rows_the_labeled_images_are_the_unlabeled_stream(tiny
         preflight(rrn_config(no_masks, tmp_path), None)
 
 
+def test_the_oracle_filter_scores_regions_by_their_true_accuracy(tiny_data, tmp_path):
+    """filter=oracle (the diagnostic upper bound): regions are kept by their accuracy against
+    the hidden masks, which only this filter's unlabeled stream carries."""
+    extra = {"method.rrn.filter": "oracle", "method.rrn.threshold": 0.9, "train.epochs": 1}
+    cfg = rrn_config(tiny_data, tmp_path, **extra)
+    unl = next(Trainer(cfg, WorkerContext(run_dir=tmp_path / "unused")).loader.epoch(0)).unlabeled
+    assert {0, 1} <= set(unl.masks.unique().tolist())  # the hidden ground truth, augmented
+    plain = next(Trainer(rrn_config(tiny_data, tmp_path), WorkerContext(run_dir=tmp_path / "u"))
+                 .loader.epoch(0)).unlabeled  # fmt: skip
+    assert bool((plain.masks == 255).all())  # the method itself never sees it
+    metrics, _ = train_local(cfg, tmp_path / "run", log=lambda line: None)
+    assert 0 < metrics["rrn/kept_share"] < 1  # an untrained network: some regions each way
+    assert metrics["rrn/kept_acc"] > 0.9 >= metrics["rrn/dropped_acc"]
+    with pytest.raises(RaysegbgError, match="filter=oracle scores regions with the hidden"):
+        preflight(rrn_config(tiny_data, tmp_path, **{**extra, "method.rrn.labeled_fraction": 1}),
+                  None)  # fmt: skip
+
+
 def test_inference_averages_the_two_networks(tiny_data, tmp_path):
     images = torch.randn(2, 3, 32, 32)
     method = Rrn(rrn_config(tiny_data, tmp_path), 2, 3, 255).eval()
@@ -163,7 +181,7 @@ def test_inference_averages_the_two_networks(tiny_data, tmp_path):
 
 
 def test_each_epoch_stores_pseudo_labels_and_logs_kept_versus_dropped(tiny_data, tmp_path):
-    cfg = rrn_config(tiny_data, tmp_path, **{"method.rrn.warmup_epochs": 1})
+    cfg = rrn_config(tiny_data, tmp_path, **{"method.rrn.warmup_share": 0.5})
     metrics, _ = train_local(cfg, tmp_path / "run", log=lambda line: None)
     for key in ("rrn/kept_acc", "rrn/dropped_acc", "rrn/kept_share", "rrn/pseudo_acc"):
         assert key in metrics
@@ -209,7 +227,7 @@ def first_step(rank: int, world: int, overrides: list[str]) -> dict:
 
 def test_two_workers_give_one_workers_losses_and_gradients(tiny_data, tmp_path):
     """Networks and discriminators alike, with filtering and correction on from step 0."""
-    extra = {**RRN, "method.rrn.warmup_epochs": 0, "method.rrn.threshold": 0.5}
+    extra = {**RRN, "method.rrn.warmup_share": 0, "method.rrn.threshold": 0.5}
     overrides = tiny_overrides(tiny_data, tmp_path, **extra)
     (single,) = run_ranks(first_step, 1, overrides)
     pair = run_ranks(first_step, 2, overrides)
@@ -235,4 +253,4 @@ def test_settings_are_checked(tiny_data, tmp_path):
     ):
         with pytest.raises(RaysegbgError, match=words):
             rrn_config(tiny_data, tmp_path, **{f"method.rrn.{key}": value})
-    assert np.isclose(rrn_config(tiny_data, tmp_path).method.rrn.threshold, 0.6)
+    assert np.isclose(rrn_config(tiny_data, tmp_path).method.rrn.threshold, 0.97)

@@ -54,6 +54,8 @@ class Stream:
     image_labels: attach each row's image-level labels as a multi-hot tensor.
     labeled_fraction: below 1, only that share of the rows with a mask (a fixed hash of the
         id) counts as labeled; the others count as unlabeled, their masks hidden.
+    hidden_masks: the unlabeled rows carry their hidden masks after all (ground truth for a
+        diagnostic, never for training).
     """
 
     rows: str = "labeled"
@@ -61,3 +63,4 @@ class Stream:
     masks: bool = True
     image_labels: bool = False
     labeled_fraction: float = 1.0
+    hidden_masks: bool = False

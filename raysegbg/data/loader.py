@@ -390,5 +390,6 @@ class _StepBatches(torch.utils.data.Dataset):
 def stream_dataset(path: str | Path, stream: Stream, data: DataConfig) -> SegDataset:
     """The training split's rows of one stream."""
     return SegDataset(path, "train", rows=stream.rows, masks=stream.masks,
-                      labeled_fraction=stream.labeled_fraction, cache=data.cache,
+                      labeled_fraction=stream.labeled_fraction,
+                      hidden_masks=stream.hidden_masks, cache=data.cache,
                       reader=data.reader)  # fmt: skip

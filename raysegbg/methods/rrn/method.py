@@ -5,7 +5,7 @@ networks with different initialisations teach each other (cross pseudo supervisi
 network's argmax on an unlabeled image is the other's target, on CutMix-ed pairs of unlabeled
 images. Two region discriminators, one per network, take an image and that network's class
 probabilities and score every `region`×`region` cell: they learn, on labeled images, each
-region's accuracy. After `warmup_epochs`:
+region's accuracy. After the warm-up (`warmup_share` of the epochs):
 
 - local pseudo-label filtering: a region whose score (predicted accuracy) is not above
   `threshold` is dropped from the pseudo-label loss;
@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from raysegbg import dist
 from raysegbg.config import Config
+from raysegbg.data.format import read_split
 from raysegbg.data.loader import SegDataset, check_rows, eval_batches, row_kinds
+from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Batch, Method, Optim, Stage, StageRun, Step, Stream
 from raysegbg.methods.losses import cross_entropy, upcast
 from raysegbg.methods.rrn.params import RrnParams
@@ -70,7 +72,17 @@ class Rrn(Method):
 
     @classmethod
     def check_data(cls, cfg: Config, num_classes: int) -> None:
-        check_rows(cfg.data.path, "train", cfg.method.rrn.labeled_fraction, "labeled")
+        p = cfg.method.rrn
+        check_rows(cfg.data.path, "train", p.labeled_fraction, "labeled")
+        if p.filter == "oracle":
+            missing = read_split(cfg.data.path, "train", columns=["mask"])["mask"].null_count
+            if missing or p.labeled_fraction == 1:
+                raise RaysegbgError(
+                    "method.rrn.filter=oracle scores regions with the hidden masks of a fully "
+                    f"labeled set ({missing} training rows have none): set "
+                    "method.rrn.labeled_fraction < 1 on a fully labeled dataset, or use "
+                    "method.rrn.filter=discriminator"
+                )
 
     @functools.cached_property
     def unlabeled_rows(self) -> str:
@@ -86,7 +98,8 @@ class Rrn(Method):
         return {
             "train": Stream("labeled", labeled_fraction=p.labeled_fraction),
             "unlabeled": Stream(self.unlabeled_rows, batch_size=p.unlabeled_batch,
-                                masks=False, labeled_fraction=p.labeled_fraction),
+                                masks=p.filter == "oracle", labeled_fraction=p.labeled_fraction,
+                                hidden_masks=p.filter == "oracle"),
         }  # fmt: skip
 
     def optimizers(self, stage: Stage) -> list[Optim]:
@@ -113,13 +126,22 @@ class Rrn(Method):
                 self.hidden = self.hidden.subset(keep.__contains__)
             self.hidden_index = {image_id: i for i, image_id in enumerate(self.hidden.ids)}
 
+    def epochs(self, share: float) -> int:
+        """`share` of the run's epochs, rounded (the ramp-up and the warm-up)."""
+        return round(share * self.cfg.train.epochs)
+
     # -- pseudo-labels --------------------------------------------------------------------
     @torch.no_grad()
-    def pseudo_labels(self, images: torch.Tensor):
-        """Each network's argmax, and its discriminator's region score logits."""
+    def pseudo_labels(self, images: torch.Tensor, masks: torch.Tensor | None):
+        """Each network's argmax, and its region score logits: its discriminator's, or with
+        `filter=oracle` the logit of the region's true accuracy against the hidden `masks`."""
         probs = [upcast(net(images)).softmax(1) for net in (self.net1, self.net2)]
-        scores = [self.disc1(images, probs[0]), self.disc2(images, probs[1])]
-        return [q.argmax(1) for q in probs], scores
+        labels = [q.argmax(1) for q in probs]
+        if self.params.filter == "oracle":
+            region = self.params.region
+            right = [region_accuracy(x, masks, region, self.ignore_index)[0] for x in labels]
+            return labels, [torch.logit(r, eps=1e-6) for r in right]
+        return labels, [self.disc1(images, probs[0]), self.disc2(images, probs[1])]
 
     def region_weights(self, labels, scores, filtering: bool) -> list[torch.Tensor]:
         """Per pixel, the weight of each network's pseudo-labels in the other's loss: 0 in a
@@ -151,8 +173,8 @@ class Rrn(Method):
         n, images = len(batch.ids), batch.images
         if p.cps_weight > 0:
             unl = batch.unlabeled
-            labels, scores = self.pseudo_labels(unl.images)
-            weights = self.region_weights(labels, scores, info.epoch >= p.warmup_epochs)
+            labels, scores = self.pseudo_labels(unl.images, unl.masks)
+            weights = self.region_weights(labels, scores, info.epoch >= self.epochs(p.warmup_share))
             u_images = unl.images
             if p.cutmix:
                 boxes = cutmix_boxes(unl.ids, self.cfg.train.seed, info.step, u_images.shape[-2:])
@@ -174,7 +196,8 @@ class Rrn(Method):
         if p.cps_weight > 0:  # each network learns the other's (kept, weighted) pseudo-labels
             losses["cps"] = self.pseudo_loss(outputs[0][n:], labels[1], weights[1])
             losses["cps"] = losses["cps"] + self.pseudo_loss(outputs[1][n:], labels[0], weights[0])
-            total = total + rampup(info.epoch, p.rampup_epochs) * p.cps_weight * losses["cps"]
+            ramp = rampup(info.epoch, self.epochs(p.rampup_share))
+            total = total + ramp * p.cps_weight * losses["cps"]
         losses["loss"] = total
         step.optimize(total, "net1", "net2")
         losses["disc"] = sum(
@@ -206,7 +229,7 @@ class Rrn(Method):
         for batch in eval_batches(self.hidden, self.cfg.train.val_batch_size, run.rank,
                                   run.world_size):  # fmt: skip
             images, masks = batch.images.to(run.device), batch.masks.to(run.device)
-            labels, scores = self.pseudo_labels(images)
+            labels, scores = self.pseudo_labels(images, masks)
             known = masks != self.ignore_index
             for k in (0, 1):
                 keep = to_pixels(kept(scores[k], p.threshold), p.region)
