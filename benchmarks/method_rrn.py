@@ -142,6 +142,7 @@ def main() -> None:
                 )
             chosen = max((v for v in variants if v.startswith("rrn@")),
                          key=lambda v: finite_mean([r["val"] for r in results[v]]))  # fmt: skip
+            compared = ("supervised", "cps", chosen)  # the table's test column: these only
             if args.oracle:
                 oracle = [
                     *common,
@@ -152,7 +153,7 @@ def main() -> None:
                 results[f"oracle@{chosen[4:]}"] = train_seeds(
                     task, "oracle", oracle, args.seeds, root
                 )
-            for variant in ("supervised", "cps", chosen):  # the test split, read once
+            for variant in compared:  # the test split, read once
                 for r in results[variant]:
                     r["test"] = evaluate_run(r["run"], "test")["miou"]
                 print(
@@ -162,11 +163,7 @@ def main() -> None:
                 )
             for variant in results:
                 mark = "  <- chosen on val" if variant == chosen else ""
-                rows.append(
-                    row(task, variant, results[variant], variant in ("supervised", "cps", chosen))
-                    + mark
-                )
-            compared = ("supervised", "cps", chosen)
+                rows.append(row(task, variant, results[variant], variant in compared) + mark)
             test = {v: finite_mean([r["test"] for r in results[v]]) * 100 for v in compared}
             rrn = results[chosen]
             goals += [

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from raysegbg import dist
 from raysegbg.config import Config
-from raysegbg.data.format import read_split
 from raysegbg.data.loader import SegDataset, check_rows, eval_batches, row_kinds
 from raysegbg.errors import RaysegbgError
 from raysegbg.methods.base import Batch, Method, Optim, Stage, StageRun, Step, Stream
@@ -74,15 +73,16 @@ class Rrn(Method):
     def check_data(cls, cfg: Config, num_classes: int) -> None:
         p = cfg.method.rrn
         check_rows(cfg.data.path, "train", p.labeled_fraction, "labeled")
-        if p.filter == "oracle":
-            missing = read_split(cfg.data.path, "train", columns=["mask"])["mask"].null_count
-            if missing or p.labeled_fraction == 1:
-                raise RaysegbgError(
-                    "method.rrn.filter=oracle scores regions with the hidden masks of a fully "
-                    f"labeled set ({missing} training rows have none): set "
-                    "method.rrn.labeled_fraction < 1 on a fully labeled dataset, or use "
-                    "method.rrn.filter=discriminator"
-                )
+        # rows without a mask are the unlabeled kind even at labeled_fraction 1
+        if p.filter == "oracle" and (
+            p.labeled_fraction == 1 or "unlabeled" in row_kinds(cfg.data.path, "train", 1.0)
+        ):
+            raise RaysegbgError(
+                "method.rrn.filter=oracle scores regions with the hidden masks of a fully "
+                "labeled set (some training rows have none, or none is hidden): set "
+                "method.rrn.labeled_fraction < 1 on a fully labeled dataset, or use "
+                "method.rrn.filter=discriminator"
+            )
 
     @functools.cached_property
     def unlabeled_rows(self) -> str:
@@ -95,11 +95,12 @@ class Rrn(Method):
     # -- what the training loop sees ------------------------------------------------------
     def streams(self) -> dict[str, Stream]:
         p = self.params
+        oracle = p.filter == "oracle"  # only the oracle's stream carries the hidden masks
         return {
             "train": Stream("labeled", labeled_fraction=p.labeled_fraction),
             "unlabeled": Stream(self.unlabeled_rows, batch_size=p.unlabeled_batch,
-                                masks=p.filter == "oracle", labeled_fraction=p.labeled_fraction,
-                                hidden_masks=p.filter == "oracle"),
+                                masks=oracle, labeled_fraction=p.labeled_fraction,
+                                hidden_masks=oracle),
         }  # fmt: skip
 
     def optimizers(self, stage: Stage) -> list[Optim]:
