@@ -22,9 +22,10 @@ $(DATA)/dataset.json: | $(STAMP)
 run: $(STAMP) $(DATA)/dataset.json
 	$(BIN)/raysegbg train --config configs/quickstart.yaml --workers 2
 
-# two pytest workers: the tests on Ray run in order on one, the in-process tests on the other
-# (tests/conftest.py groups them); TEST_WORKERS=0 runs everything in this process
-TEST_WORKERS ?= 2
+# three pytest workers: the tests on the session's Ray run in order on one, those that start
+# clusters of their own on another, the in-process tests fill in beside them (tests/conftest.py
+# groups them); TEST_WORKERS=0 runs everything in this process
+TEST_WORKERS ?= 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
