@@ -12,11 +12,18 @@ the CAM classifier's image-label F1 on validation (which classes it finds in an 
 cannot localise a class the classifier misses); pseudo-mask mIoU on the training images
 (against their masks, never used for training); the false-positive rate inside the
 co-occurring background (the share of background pixels of a class's own texture, e.g. water
-under a boat, that the pseudo masks call foreground; the built-in `contexts` set only); the
+under a boat, or of the head around the brain, that the pseudo masks call foreground); the
 segmentation network's mIoU on validation and, once, on the test split.
 
-Tasks: the built-in `contexts` set, and the MRI lobes (mricron-data ch2 + AAL grouped into 7
-lobes; image-level labels derived from the masks) when mricron-data is installed.
+Tasks: the built-in `contexts` set and, when mricron-data is installed, two real ones from its
+ch2 head MRI, axial slices, image-level labels derived from the masks:
+- mri-brain: the brain (ch2bet) inside the skull, scalp and neck that always surround it, the
+  background the product is about; slices of head without brain included (17 % of the
+  training slices: the classifier's negatives). One foreground class: the intra-foreground
+  contrast has no other class to push from, so `intra` trains exactly what `cam` does;
+- mri-lobes: AAL grouped into 7 lobes. Two lobes are in 99 % of the training slices, so a
+  classifier has almost no image without them to learn from, and CAMs of parts of one organ
+  light up the whole organ: every variant stays at the all-background level there.
 
 Settings chosen on validation: `--grid KEY=V1,V2,...` trains every value for the variants
 that do not fix KEY (e.g. `method.fbr.nroi_weight` for fbr only), over all seeds, and keeps the
@@ -39,10 +46,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import MRICRON, cell, check, finite_mean, make_mri_lobes, report
+from common import MRICRON, cell, check, finite_mean, make_mri_brain, make_mri_lobes, report
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raysegbg.config import load_config
+from raysegbg.data.loader import SegDataset
 from raysegbg.data.synthetic import context_maps, make_dataset
 from raysegbg.inference import evaluate_run
 from raysegbg.local import train_local
@@ -77,6 +85,16 @@ def context_fp(run: Path, maps: dict[str, np.ndarray]) -> float:
     return hit / max(total, 1)
 
 
+def head_maps(path: Path) -> dict[str, np.ndarray]:
+    """mri-brain: id -> its co-occurring background, every training image's head around the
+    brain (brighter than the air, which the import scales to -1, and not brain)."""
+    data, maps = SegDataset(path, "train"), {}
+    for i, image_id in enumerate(data.ids):
+        image, mask = data[i]
+        maps[image_id] = ((image[0] > -0.8) & (mask == 0)).numpy()
+    return maps
+
+
 def train_and_score(overrides: list[str], seed: int, root: Path, maps) -> dict[str, float]:
     name = f"r{len(list(root.iterdir()))}"
     cfg = load_config(None, [*overrides, f"train.seed={seed}", f"logging.storage_path={root}",
@@ -108,7 +126,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="steps per epoch")
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--n", type=int, default=600, help="images of the built-in set")
-    parser.add_argument("--tasks", nargs="+", default=["contexts", "mri-lobes"])
+    parser.add_argument("--tasks", nargs="+", default=["contexts", "mri-brain", "mri-lobes"])
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     parser.add_argument(
         "--grid",
@@ -130,6 +148,9 @@ def main() -> None:
             out = Path(tmp) / "contexts"
             make_dataset("contexts", out, n=args.n, size=args.size, seed=0)
             tasks["contexts"] = (out, context_maps("contexts", args.n, args.size, seed=0))
+        if "mri-brain" in args.tasks and (MRICRON / "ch2bet.nii.gz").is_file():
+            brain = make_mri_brain(Path(tmp) / "brain", args.size, min_foreground=0.0)
+            tasks["mri-brain"] = (brain, head_maps(brain))
         if "mri-lobes" in args.tasks and (MRICRON / "aal.nii.gz").is_file():
             tasks["mri-lobes"] = (make_mri_lobes(Path(tmp) / "mri", args.size), None)
         for task, (data, maps) in tasks.items():
