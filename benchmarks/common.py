@@ -55,14 +55,15 @@ def make_mri_lobes(out: Path, size: int = 64) -> Path:
     return out
 
 
-def make_mri_brain(out: Path, size: int = 64, min_foreground: float = 0.01) -> Path:
+def make_mri_brain(out: Path, size: int = 64, min_foreground: float = 0.01, slab: int = 16) -> Path:
     """mricron's ch2 head MRI sliced into 2-D images, with the ch2bet brain as foreground
-    (`min_foreground` 0 keeps the slices of head without brain too)."""
+    (`min_foreground` 0 keeps the slices of head without brain too; `slab`: consecutive
+    slices that go whole to one split)."""
     from raysegbg.data.nifti import import_nifti
 
     pairs = [(MRICRON / "ch2.nii.gz", MRICRON / "ch2bet.nii.gz")]
-    import_nifti(pairs, out, binarize=True, size=(size, size), min_foreground=min_foreground,
-                 name="ch2_brain")  # fmt: skip
+    import_nifti(pairs, out, binarize=True, size=(size, size), slab=slab,
+                 min_foreground=min_foreground, name="ch2_brain")  # fmt: skip
     return out
 
 

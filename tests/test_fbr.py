@@ -19,6 +19,7 @@ from raysegbg.data.loader import SegDataset, TrainLoader
 from raysegbg.data.synthetic import context_maps, make_dataset
 from raysegbg.errors import RaysegbgError
 from raysegbg.local import train_local
+from raysegbg.methods.base import StageRun
 from raysegbg.methods.fbr.contrast import (
     cam_labels,
     intra_loss,
@@ -164,6 +165,34 @@ def test_pixel_to_nroi_loss_gives_gradients_to_the_backbone_and_both_heads(conte
         assert norms[part] > 0, part  # bg_head: through this batch's NROIs (k-means centroids)
     assert norms["classifier.weight"] == 0  # the contrast shapes features, not the classifier
     assert method.pending is not None and len(method.pending) > 0
+
+
+@pytest.mark.parametrize(
+    ("background", "chosen", "flagged"), [(0.5, 0.5, False), (0.93, 0.95, True)]
+)
+def test_the_cam_threshold_is_chosen_on_validation_and_a_choice_at_the_grid_edge_is_flagged(
+    contexts, tmp_path, monkeypatch, background, chosen, flagged
+):
+    """CAMs made from the validation masks: 0.99 on each pixel's class, `background`
+    elsewhere. Every threshold from `background` up to 0.95 is then exact (ties: the lowest);
+    with 0.93 only the grid's top is, and the log says the choice is at the edge."""
+    trainer, _ = first_batch(fbr_config(contexts, tmp_path))
+    method: Fbr = trainer.method
+    val = SegDataset(contexts, "val")
+    masks = {val[i][0].numpy().tobytes(): val[i][1] for i in range(len(val))}
+
+    def cams(images, present=None):
+        truth = torch.stack([masks[image.numpy().tobytes()] for image in images])
+        classes = torch.arange(1, method.num_classes).view(1, -1, 1, 1)
+        return torch.where(truth[:, None] == classes, 0.99, background)
+
+    monkeypatch.setattr(method, "cams", cams)
+    logs: list[str] = []
+    run = StageRun(dataset=None, device=torch.device("cpu"), rank=0, world_size=1, state=None,
+                   log=logs.append, train_dataset=None)  # fmt: skip
+    out = method.choose_threshold(run)
+    assert method.threshold == chosen and out["pseudo/val_miou_at_threshold"] == 1.0
+    assert any("at the edge of the grid" in line for line in logs) == flagged
 
 
 def bank_after_a_step(rank: int, world: int, overrides: list[str]) -> dict:

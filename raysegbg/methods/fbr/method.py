@@ -386,6 +386,11 @@ class Fbr(Method):
         shown = [f"{t:g}{'*' if k == best else ''} {v:.3f}" for k, (t, v) in
                  enumerate(zip(GRID, scores, strict=True))]  # fmt: skip
         run.log("CAM threshold chosen on validation (* ; mIoU at each): " + "  ".join(shown))
+        if best in (0, len(GRID) - 1):
+            run.log(f"warning: the CAM threshold chosen ({GRID[best]:g}) is at the edge of the "
+                    f"grid {GRID[0]:g}..{GRID[-1]:g}: the best one may lie beyond it, or the "
+                    f"'{data.val_split}' split may not look like the training images; check "
+                    "the pseudo masks or set method.fbr.cam_threshold")  # fmt: skip
         return {"pseudo/val_miou_at_threshold": scores[best]}
 
     # -- TensorBoard ----------------------------------------------------------------------
