@@ -68,11 +68,14 @@ VARIANTS = {
 
 def pseudo_scalars(run: Path) -> dict[str, float]:
     """The pseudo masks' mIoU and CAM threshold, and the CAM classifier's image-label F1 on
-    validation at the end of the CAM stage."""
+    validation at the end of the CAM stage (NaN for a run that reused another run's CAM stage,
+    as the runs of a `--grid` over a segmentation-only setting do: the F1 column averages the
+    runs that trained theirs)."""
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
+    logged = set(acc.Tags()["scalars"])
     tags = ("pseudo/miou", "pseudo/threshold", "fbr/val_label_f1")
-    return {tag: acc.Scalars(tag)[-1].value for tag in tags}
+    return {t: acc.Scalars(t)[-1].value if t in logged else float("nan") for t in tags}
 
 
 def context_fp(run: Path, maps: dict[str, np.ndarray]) -> float:
