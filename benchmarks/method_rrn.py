@@ -16,7 +16,11 @@ Same two networks, data, schedule and seeds in every variant; only the method ch
   discriminator can.
 
 Tasks: the built-in `multiclass` set, and the MRI lobes task (mricron-data ch2 + AAL grouped
-into 7 lobes) when mricron-data is installed. mIoU ×100 on the test split, mean ± std over
+into 7 lobes) when mricron-data is installed; `--tasks ambiguous` adds the built-in set whose
+classes differ only in a mean colour under pixel noise (pseudo-labels far noisier than on
+multiclass: cps gains 6 points over supervised there, 3 seeds; rrn at 0.8 / 0.9 stays 0.2 /
+0.6 below cps on validation, its discriminator's kept regions 97.8 % right, dropped 80-87 %).
+mIoU ×100 on the test split, mean ± std over
 seeds; the pseudo-label accuracy of kept and of dropped regions (rrn, last epoch, unlabeled
 training images against their hidden masks).
 
@@ -102,7 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps per epoch")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--labeled", type=float, default=0.125)
-    parser.add_argument("--n", type=int, default=160, help="images of the multiclass set")
+    parser.add_argument("--n", type=int, default=160, help="images of a built-in set")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.97])
     parser.add_argument("--tasks", nargs="+", default=["multiclass", "mri-lobes"])
     parser.add_argument(
@@ -127,9 +131,10 @@ def main() -> None:
     goals, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tasks = {}
-        if "multiclass" in args.tasks:
-            make_dataset("multiclass", Path(tmp) / "mc", n=args.n, size=args.size, seed=0)
-            tasks["multiclass"] = Path(tmp) / "mc"
+        for name in ("multiclass", "ambiguous"):
+            if name in args.tasks:
+                make_dataset(name, Path(tmp) / name, n=args.n, size=args.size, seed=0)
+                tasks[name] = Path(tmp) / name
         if "mri-lobes" in args.tasks and (MRICRON / "aal.nii.gz").is_file():
             tasks["mri-lobes"] = make_mri_lobes(Path(tmp) / "mri", args.size)
         for task, data in tasks.items():
@@ -176,7 +181,7 @@ def main() -> None:
                       finite_mean([r["rrn/dropped_acc"] for r in rrn]) * 100, strict=True),
             ]  # fmt: skip
     print(f"\nlabeled {args.labeled}; seeds {args.seeds}; {args.epochs} epochs x {args.steps} "
-          f"steps, ramp-up {args.rampup}; {args.size} px; multiclass n={args.n}; "
+          f"steps, ramp-up {args.rampup}; {args.size} px; built-in sets n={args.n}; "
           f"extra {args.set}\n")  # fmt: skip
     head = (f"{'task':<12}{'variant':<12}{'val mIoU':>15}{'test mIoU':>15}{'kept acc':>15}"
             f"{'dropped acc':>15}{'kept share':>15}")  # fmt: skip
