@@ -59,3 +59,32 @@ def test_two_workers_report_checkpoint_resume_and_keep_the_memory_in_the_actor(
     assert snapshot is not None and (snapshot / "memories.json").is_file()  # async snapshots landed
     assert state_actor.alive("ray-run") == []
     assert 0 <= evaluate_run(run_dir, "test")["miou"] <= 1  # eval reads the checkpointed memory
+
+
+def test_a_local_ray_worker_drops_the_autoscaler_clients_warnings_after_trains_log_setup(
+    ray_local,
+):
+    """Train's controller warns, with a traceback, whenever the autoscaler request of a run on
+    a busy local Ray takes over 5 s; the workers of the local Ray drop those warnings, also
+    once Train's own logging setup has reset the levels under `ray.train`, and keep errors."""
+
+    @ray_local.remote
+    def emitted() -> list[str]:
+        import logging
+        import logging.config
+
+        from raysegbg.ray_train import AUTOSCALER_CLIENT
+
+        stream = io.StringIO()
+        logging.config.dictConfig({
+            "version": 1, "disable_existing_loggers": False,
+            "handlers": {"out": {"class": "logging.StreamHandler", "stream": stream}},
+            "loggers": {"ray.train": {"handlers": ["out"], "level": "INFO"}},
+        })  # fmt: skip
+        client = logging.getLogger(AUTOSCALER_CLIENT)
+        client.warning("request failed", exc_info=ValueError("timed out"))
+        client.error("a real error")
+        logging.getLogger("ray.train.other").warning("another warning")
+        return stream.getvalue().splitlines()
+
+    assert ray_local.get(emitted.remote()) == ["a real error", "another warning"]
