@@ -123,18 +123,7 @@ def init_ray(address: str | None = None) -> None:
     failures.watch_local_head()
 
 
-LOCAL_WORKER_HOOK = "raysegbg.ray_train.quiet_local_worker"
-AUTOSCALER_CLIENT = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
-
-
-def quiet_local_worker() -> None:
-    """Runs in every worker process of the local Ray started here. Train's controller asks
-    the cluster's autoscaler for its workers' resources every 20 s and logs a warning with a
-    traceback when the answer takes over 5 s (a busy CPU) or Ray is stopping (a run
-    interrupted): a local Ray has no autoscaler, so the request has no use and that traceback
-    no reader. Errors still show. (A filter, not a level: Train's logging setup resets the
-    levels of the loggers under `ray.train` but keeps their filters.)"""
-    logging.getLogger(AUTOSCALER_CLIENT).addFilter(lambda record: record.levelno >= logging.ERROR)
+LOCAL_WORKER_HOOK = "raysegbg.ray_logs.quiet_local_worker"  # light: every worker imports it
 
 
 def _free_port() -> int:

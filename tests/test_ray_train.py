@@ -2,6 +2,8 @@
 the run's shared-state actor (MCIBI keeps its class memory there)."""
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -73,7 +75,7 @@ def test_a_local_ray_worker_drops_the_autoscaler_clients_warnings_after_trains_l
         import logging
         import logging.config
 
-        from raysegbg.ray_train import AUTOSCALER_CLIENT
+        from raysegbg.ray_logs import AUTOSCALER_CLIENT
 
         stream = io.StringIO()
         logging.config.dictConfig({
@@ -88,3 +90,11 @@ def test_a_local_ray_worker_drops_the_autoscaler_clients_warnings_after_trains_l
         return stream.getvalue().splitlines()
 
     assert ray_local.get(emitted.remote()) == ["a real error", "another warning"]
+
+
+def test_the_hook_every_local_ray_worker_runs_imports_neither_torch_nor_ray():
+    """The hook's module is imported by every worker process of the local Ray."""
+    code = ("import sys, raysegbg.ray_logs; "
+            "print(sorted({'torch', 'ray', 'numpy'} & set(sys.modules)))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
