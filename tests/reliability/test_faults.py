@@ -142,7 +142,7 @@ def test_a_worker_killed_mid_epoch_redoes_at_most_that_epoch(ray_local, tiny_dat
 # Trains a run in-process, with one write into the run folder made to stop half-way: it writes
 # the first half of the file, names it in the `ready` file and waits to be killed.
 STALLED_RUN = r"""
-import json, shutil, sys, time
+import json, os, shutil, sys, time
 from pathlib import Path
 
 import pyarrow as pa
@@ -159,7 +159,8 @@ torch.set_num_threads(1)
 
 def stall(path, data):
     Path(path).write_bytes(data[: len(data) // 2])
-    Path(ready).write_text(str(path))
+    Path(ready + ".tmp").write_text(str(path))
+    os.replace(ready + ".tmp", ready)  # the test polls for `ready`: never seen empty
     time.sleep(600)
 
 
