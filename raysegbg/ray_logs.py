@@ -16,3 +16,6 @@ def quiet_local_worker() -> None:
     that traceback no reader. Errors still show. (A filter, not a level: Train's logging
     setup resets the levels of the loggers under `ray.train` but keeps their filters.)"""
     logging.getLogger(AUTOSCALER_CLIENT).addFilter(lambda record: record.levelno >= logging.ERROR)
+
+
+SETUP_HOOK = f"{__name__}.{quiet_local_worker.__name__}"  # what `init_ray` names to Ray

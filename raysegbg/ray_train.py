@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from raysegbg import failures, storage
+from raysegbg import failures, ray_logs, storage
 from raysegbg.checkpoint import KEEP_BEST
 from raysegbg.config import Config, from_dict, replace, save_config, to_dict
 from raysegbg.environment import write_environment
@@ -117,13 +117,10 @@ def init_ray(address: str | None = None) -> None:
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
         address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-        dashboard_port=port, runtime_env={"worker_process_setup_hook": LOCAL_WORKER_HOOK},
+        dashboard_port=port, runtime_env={"worker_process_setup_hook": ray_logs.SETUP_HOOK},
         **kwargs,
     )  # fmt: skip
     failures.watch_local_head()
-
-
-LOCAL_WORKER_HOOK = "raysegbg.ray_logs.quiet_local_worker"  # light: every worker imports it
 
 
 def _free_port() -> int:

@@ -179,7 +179,7 @@ def test_the_cam_threshold_is_chosen_on_validation_and_a_choice_at_the_grid_edge
     trainer, _ = first_batch(fbr_config(contexts, tmp_path))
     method: Fbr = trainer.method
     val = SegDataset(contexts, "val")
-    masks = {val[i][0].numpy().tobytes(): val[i][1] for i in range(len(val))}
+    masks = {image.numpy().tobytes(): mask for image, mask in (val[i] for i in range(len(val)))}
 
     def cams(images, present=None):
         truth = torch.stack([masks[image.numpy().tobytes()] for image in images])
