@@ -26,7 +26,10 @@ ch2 head MRI, axial slices, image-level labels derived from the masks:
   whole head suffered; with 8 it holds two slabs of the upper brain, as the test split does;
 - mri-lobes: AAL grouped into 7 lobes. Two lobes are in 99 % of the training slices, so a
   classifier has almost no image without them to learn from, and CAMs of parts of one organ
-  light up the whole organ: every variant stays at the all-background level there.
+  light up the whole organ: every variant stays at the all-background level there. Two
+  probes did not change that (seed 0, val): 2x2 tiles of each slice, each with its own image
+  labels (fewer lobes per image), and x / y coordinate channels beside the intensity; the
+  classifier found the lobes (label F1 81-99) but the pseudo masks stayed at 11-17 mIoU.
 
 Settings chosen on validation: `--grid KEY=V1,V2,...` trains every value for the variants
 that do not fix KEY (e.g. `method.fbr.nroi_weight` for fbr only), over all seeds, and keeps the
