@@ -150,6 +150,13 @@ class Goal:
         return f"goal {'met' if self.ok else 'MISSED'}: {self.description} ({self.detail})"
 
 
+PROBE_HELP = (
+    "validation only, for trying settings: the test split is not read and no goal is checked "
+    "(the run that makes the table reads it once)"
+)
+PROBE_LINE = "probe: validation only; the test split was not read, no goal checked"
+
+
 def check(
     description: str,
     value: float,

@@ -40,7 +40,7 @@ Goals, per task: fbr's mean test mIoU and mean pseudo-mask mIoU above the CAM ba
 Exit 1 if one is missed.
 
     python benchmarks/method_fbr.py [--seeds 0 1 2] [--cam-epochs 8] [--epochs 4]
-        [--grid method.fbr.nroi_weight=0.02,0.05,0.2]
+        [--grid method.fbr.nroi_weight=0.02,0.05,0.2] [--probe]
 """
 
 from __future__ import annotations
@@ -52,7 +52,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import MRICRON, cell, check, finite_mean, make_mri_brain, make_mri_lobes, report
+from common import (
+    MRICRON,
+    PROBE_HELP,
+    PROBE_LINE,
+    cell,
+    check,
+    finite_mean,
+    make_mri_brain,
+    make_mri_lobes,
+    report,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raysegbg.config import load_config
@@ -112,7 +122,7 @@ def train_and_score(overrides: list[str], seed: int, root: Path, maps) -> dict[s
     out = pseudo_scalars(root / name)
     out["context_fp"] = context_fp(root / name, maps) if maps else float("nan")
     out["val"] = evaluate_run(root / name, "val", "last")["miou"]
-    out["run"] = root / name
+    out["test"], out["run"] = float("nan"), root / name  # test: scored later, kept runs only
     return out
 
 
@@ -144,6 +154,7 @@ def main() -> None:
         metavar="KEY=V1,V2",
         help="values chosen on validation (best mean val mIoU over the seeds)",
     )
+    parser.add_argument("--probe", action="store_true", help=PROBE_HELP)
     args = parser.parse_args()
     common = ["method.name=fbr", "model.encoder_depth=3", "model.decoder_channels=[32,16,8]",
               "optim.lr=3e-3", f"method.fbr.cam_epochs={args.cam_epochs}",
@@ -185,13 +196,16 @@ def main() -> None:
                 best = max(tried, key=lambda o: finite_mean([r["val"] for r in tried[o]]))
                 chosen[variant], results[variant] = best, tried[best]
                 for r in results[variant]:  # the test split, read once: the kept runs only
-                    r["test"] = evaluate_run(r["run"], "test", "last")["miou"]
+                    if not args.probe:
+                        r["test"] = evaluate_run(r["run"], "test", "last")["miou"]
             for variant, runs in results.items():
                 cols = "".join(cell([r[k] for r in runs])
                                for k in ("fbr/val_label_f1", "pseudo/miou", "context_fp", "val",
                                          "test"))  # fmt: skip
                 thresholds = "/".join(f"{r['pseudo/threshold']:.2f}" for r in runs)
                 lines.append(f"{task:<11}{variant:<8}{cols}   {thresholds}   {chosen[variant]}")
+            if args.probe:
+                continue
             m = {v: {k: finite_mean([r[k] for r in runs]) * 100 for k in ("pseudo/miou", "test")}
                  for v, runs in results.items()}  # fmt: skip
             goals += [
@@ -206,7 +220,7 @@ def main() -> None:
             f"{'val mIoU':>15}{'test mIoU':>15}   CAM threshold per seed   "
             "setting (chosen on val)")  # fmt: skip
     print(head + "\n" + "-" * len(head) + "\n" + "\n".join(lines))
-    sys.exit(report(goals))
+    sys.exit(report(goals, [PROBE_LINE] if args.probe else []))
 
 
 if __name__ == "__main__":
