@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -16,6 +18,7 @@ from raysegbg.inference import evaluate_run
 from raysegbg.local import train_local
 
 MRICRON = Path("/usr/share/mricron/templates")
+MRI_TASKS = {"mri-brain": "ch2bet.nii.gz", "mri-lobes": "aal.nii.gz"}  # task -> file it needs
 
 # AAL regions (mricron's aal.nii.txt names, hemisphere suffix dropped) grouped into lobes.
 LOBES = {
@@ -155,6 +158,17 @@ PROBE_HELP = (
     "(the run that makes the table reads it once)"
 )
 PROBE_LINE = "probe: validation only; the test split was not read, no goal checked"
+
+
+def parse_tasks(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the arguments; a `--tasks` entry that is an MRI task needs mricron-data, and
+    without it the benchmark stops here rather than checking its goals on fewer tasks."""
+    args = parser.parse_args()
+    for task in args.tasks:
+        if task in MRI_TASKS and not (MRICRON / MRI_TASKS[task]).is_file():
+            sys.exit(f"{task} needs mricron-data ({MRICRON / MRI_TASKS[task]} is missing): "
+                     f"apt-get install mricron-data, or leave {task} out of --tasks")  # fmt: skip
+    return args
 
 
 def check(

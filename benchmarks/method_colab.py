@@ -20,7 +20,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MRICRON, Rows, check, compare, control_note, make_mri_brain, means, report, table
+from common import (
+    Rows,
+    check,
+    compare,
+    control_note,
+    make_mri_brain,
+    means,
+    parse_tasks,
+    report,
+    table,
+)
 
 from raysegbg.data.synthetic import make_dataset
 
@@ -62,7 +72,7 @@ def main() -> None:
         choices=["head", "hetero_bg", "mri-brain"],
     )
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
-    args = parser.parse_args()
+    args = parse_tasks(parser)
     common = ["model.encoder_depth=4", "model.decoder_channels=[64,32,16,16]",
               f"train.epochs={args.epochs}", "train.batch_size=16",
               f"train.steps_per_epoch={args.steps}", f"data.crop_size={args.size}",
@@ -73,7 +83,7 @@ def main() -> None:
             if name in args.tasks:
                 make_dataset(name, Path(tmp) / name, n=args.n, size=args.size, seed=0)
                 tasks[name] = [*common, f"data.path={Path(tmp) / name}"]
-        if "mri-brain" in args.tasks and (MRICRON / "ch2bet.nii.gz").is_file():
+        if "mri-brain" in args.tasks:
             make_mri_brain(Path(tmp) / "brain", args.size)
             tasks["mri-brain"] = [*common, f"data.path={Path(tmp) / 'brain'}"]
         variants = {"baseline": ["method.name=baseline"]}

@@ -53,7 +53,6 @@ from pathlib import Path
 
 import numpy as np
 from common import (
-    MRICRON,
     PROBE_HELP,
     PROBE_LINE,
     cell,
@@ -61,6 +60,7 @@ from common import (
     finite_mean,
     make_mri_brain,
     make_mri_lobes,
+    parse_tasks,
     report,
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -145,7 +145,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="steps per epoch")
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--n", type=int, default=600, help="images of the built-in set")
-    parser.add_argument("--tasks", nargs="+", default=["contexts", "mri-brain", "mri-lobes"])
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["contexts", "mri-brain", "mri-lobes"],
+        choices=["contexts", "mri-brain", "mri-lobes"],
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     parser.add_argument(
         "--grid",
@@ -155,7 +160,7 @@ def main() -> None:
         help="values chosen on validation (best mean val mIoU over the seeds)",
     )
     parser.add_argument("--probe", action="store_true", help=PROBE_HELP)
-    args = parser.parse_args()
+    args = parse_tasks(parser)
     common = ["method.name=fbr", "model.encoder_depth=3", "model.decoder_channels=[32,16,8]",
               "optim.lr=3e-3", f"method.fbr.cam_epochs={args.cam_epochs}",
               f"train.epochs={args.epochs}", "train.batch_size=16",
@@ -168,10 +173,10 @@ def main() -> None:
             out = Path(tmp) / "contexts"
             make_dataset("contexts", out, n=args.n, size=args.size, seed=0)
             tasks["contexts"] = (out, context_maps("contexts", args.n, args.size, seed=0))
-        if "mri-brain" in args.tasks and (MRICRON / "ch2bet.nii.gz").is_file():
+        if "mri-brain" in args.tasks:
             brain = make_mri_brain(Path(tmp) / "brain", args.size, min_foreground=0.0, slab=8)
             tasks["mri-brain"] = (brain, head_maps(brain))
-        if "mri-lobes" in args.tasks and (MRICRON / "aal.nii.gz").is_file():
+        if "mri-lobes" in args.tasks:
             tasks["mri-lobes"] = (make_mri_lobes(Path(tmp) / "mri", args.size), None)
         for task, (data, maps) in tasks.items():
             root = Path(tmp) / f"runs-{task}"

@@ -19,7 +19,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MRICRON, Rows, check, compare, control_note, make_mri_lobes, means, report, table
+from common import (
+    Rows,
+    check,
+    compare,
+    control_note,
+    make_mri_lobes,
+    means,
+    parse_tasks,
+    report,
+    table,
+)
 
 from raysegbg.data.synthetic import make_dataset
 
@@ -45,10 +55,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
-    parser.add_argument("--tasks", nargs="+", default=["ambiguous", "mri-lobes"])
+    parser.add_argument(
+        "--tasks", nargs="+", default=["ambiguous", "mri-lobes"], choices=["ambiguous", "mri-lobes"]
+    )
     parser.add_argument("--variants", nargs="+", default=["baseline", "mcibi", "mcibi-frozen"])
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
-    args = parser.parse_args()
+    args = parse_tasks(parser)
     common = ["model.encoder_depth=4", "model.decoder_channels=[64,32,16,16]",
               f"train.epochs={args.epochs}", "train.batch_size=16",
               f"train.steps_per_epoch={args.steps}", f"data.crop_size={args.size}",
@@ -58,7 +70,7 @@ def main() -> None:
         data = make_dataset("ambiguous", Path(tmp) / "amb", n=600, size=args.size, seed=0)
         if "ambiguous" in args.tasks:
             tasks["ambiguous"] = [*common, f"data.path={Path(tmp) / 'amb'}"]
-        if "mri-lobes" in args.tasks and (MRICRON / "aal.nii.gz").is_file():
+        if "mri-lobes" in args.tasks:
             make_mri_lobes(Path(tmp) / "mri", args.size)
             tasks["mri-lobes"] = [*common, f"data.path={Path(tmp) / 'mri'}"]
         variants = {

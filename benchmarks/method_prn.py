@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import MRICRON, check, control_note, make_mri_brain, report
+from common import check, control_note, make_mri_brain, parse_tasks, report
 
 from raysegbg.config import load_config
 from raysegbg.data.loader import SegDataset, eval_batches
@@ -111,9 +111,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--n", type=int, default=600, help="images in the synthetic set")
-    parser.add_argument("--tasks", nargs="+", default=["contrast", "mri-brain"])
+    parser.add_argument(
+        "--tasks", nargs="+", default=["contrast", "mri-brain"], choices=["contrast", "mri-brain"]
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
-    args = parser.parse_args()
+    args = parse_tasks(parser)
     common = ["method.name=prn", "model.encoder_depth=4", "model.decoder_channels=[64,32,16,16]",
               f"method.prn.base_epochs={args.base_epochs}", f"train.epochs={args.epochs}",
               "train.batch_size=16", f"train.steps_per_epoch={args.steps}",
@@ -124,7 +126,7 @@ def main() -> None:
         if "contrast" in args.tasks:
             make_dataset("varying_contrast", Path(tmp) / "vc", n=args.n, size=args.size, seed=0)
             paths["contrast"] = Path(tmp) / "vc"
-        if "mri-brain" in args.tasks and (MRICRON / "ch2bet.nii.gz").is_file():
+        if "mri-brain" in args.tasks:
             paths["mri-brain"] = make_mri_brain(Path(tmp) / "brain", args.size)
         for task, path in paths.items():
             values: dict[str, list[float]] = {v: [] for v in VARIANTS}
