@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -160,15 +159,13 @@ PROBE_HELP = (
 PROBE_LINE = "probe: validation only; the test split was not read, no goal checked"
 
 
-def parse_tasks(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse the arguments; a `--tasks` entry that is an MRI task needs mricron-data, and
-    without it the benchmark stops here rather than checking its goals on fewer tasks."""
-    args = parser.parse_args()
-    for task in args.tasks:
+def need_mricron(tasks: Iterable[str]) -> None:
+    """Stop before any work when an MRI task is asked for and mricron-data is missing, rather
+    than check the goals on fewer tasks."""
+    for task in tasks:
         if task in MRI_TASKS and not (MRICRON / MRI_TASKS[task]).is_file():
             sys.exit(f"{task} needs mricron-data ({MRICRON / MRI_TASKS[task]} is missing): "
-                     f"apt-get install mricron-data, or leave {task} out of --tasks")  # fmt: skip
-    return args
+                     f"apt-get install mricron-data, or leave {task} out of the tasks")  # fmt: skip
 
 
 def check(

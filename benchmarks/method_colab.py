@@ -4,7 +4,7 @@ Same segmentation network, data, schedule and seeds; only the method changes. Te
 foreground Dice, precision and false-positive rate (×100), mean ± std over seeds, on the
 built-in sets with a heterogeneous background (`head`: synthetic head slices whose scalp and
 extra-cranial tissue look like brain; `hetero_bg`: red blobs on a patchwork, saturated) and on
-the real MRI brain task (mricron-data ch2 + ch2bet brain mask) when mricron-data is installed.
+the real MRI brain task (mricron-data ch2 + ch2bet brain mask; needs mricron-data).
 
 Goal: on every task that ran, colab K=3 (without 3 in `--k`: the first K) has a higher mean
 foreground Dice and a lower mean FPR than the baseline; exit 1 if missed. Information, not a
@@ -27,7 +27,7 @@ from common import (
     control_note,
     make_mri_brain,
     means,
-    parse_tasks,
+    need_mricron,
     report,
     table,
 )
@@ -35,6 +35,7 @@ from common import (
 from raysegbg.data.synthetic import make_dataset
 
 METRICS = ["fg_dice", "precision", "fpr"]
+BUILT_IN = ("head", "hetero_bg")  # the built-in sets among --tasks
 GOAL_METRICS = {"fg_dice": False, "fpr": True}  # metric: is lower better?
 
 
@@ -69,17 +70,18 @@ def main() -> None:
         "--tasks",
         nargs="+",
         default=["head", "mri-brain"],
-        choices=["head", "hetero_bg", "mri-brain"],
+        choices=[*BUILT_IN, "mri-brain"],
     )
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
-    args = parse_tasks(parser)
+    args = parser.parse_args()
+    need_mricron(args.tasks)
     common = ["model.encoder_depth=4", "model.decoder_channels=[64,32,16,16]",
               f"train.epochs={args.epochs}", "train.batch_size=16",
               f"train.steps_per_epoch={args.steps}", f"data.crop_size={args.size}",
               "logging.image_every=1000", *args.set]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tasks = {}
-        for name in ("head", "hetero_bg"):
+        for name in BUILT_IN:
             if name in args.tasks:
                 make_dataset(name, Path(tmp) / name, n=args.n, size=args.size, seed=0)
                 tasks[name] = [*common, f"data.path={Path(tmp) / name}"]

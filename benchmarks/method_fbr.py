@@ -15,8 +15,8 @@ co-occurring background (the share of background pixels of a class's own texture
 under a boat, or of the head around the brain, that the pseudo masks call foreground); the
 segmentation network's mIoU on validation and, once, on the test split.
 
-Tasks: the built-in `contexts` set and, when mricron-data is installed, two real ones from its
-ch2 head MRI, axial slices, image-level labels derived from the masks:
+Tasks: the built-in `contexts` set and two real ones (they need mricron-data) from its ch2
+head MRI, axial slices, image-level labels derived from the masks:
 - mri-brain: the brain (ch2bet) inside the skull, scalp and neck that always surround it, the
   background the product is about; slices of head without brain included (17 % of the
   training slices: the classifier's negatives). One foreground class: the intra-foreground
@@ -60,7 +60,7 @@ from common import (
     finite_mean,
     make_mri_brain,
     make_mri_lobes,
-    parse_tasks,
+    need_mricron,
     report,
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -160,7 +160,8 @@ def main() -> None:
         help="values chosen on validation (best mean val mIoU over the seeds)",
     )
     parser.add_argument("--probe", action="store_true", help=PROBE_HELP)
-    args = parse_tasks(parser)
+    args = parser.parse_args()
+    need_mricron(args.tasks)
     common = ["method.name=fbr", "model.encoder_depth=3", "model.decoder_channels=[32,16,8]",
               "optim.lr=3e-3", f"method.fbr.cam_epochs={args.cam_epochs}",
               f"train.epochs={args.epochs}", "train.batch_size=16",

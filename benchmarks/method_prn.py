@@ -10,8 +10,8 @@ Test-split foreground IoU (×100), mean ± std over seeds:
   loss and no threshold heads, whose loss is built from the patch optima);
 - oracle: the base probabilities binarized at each patch's optimal threshold, found with the
   test ground truth (the upper bound PRN's pseudo-labels aim at), smallest patch size.
-Tasks: the built-in `varying_contrast` set and, when mricron-data is installed, the MRI brain
-(ch2 + ch2bet). In-process runs (no Ray): this compares methods, not infrastructure.
+Tasks: the built-in `varying_contrast` set and the MRI brain (ch2 + ch2bet; needs
+mricron-data). In-process runs (no Ray): this compares methods, not infrastructure.
 
 Goal: PRN's mean fg IoU is above the base's on every task that ran, and on mri-brain by at
 least 2 points (x100); exit 1 if missed. Information, not a goal: whether the GT-only refiner
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import check, control_note, make_mri_brain, parse_tasks, report
+from common import check, control_note, make_mri_brain, need_mricron, report
 
 from raysegbg.config import load_config
 from raysegbg.data.loader import SegDataset, eval_batches
@@ -115,7 +115,8 @@ def main() -> None:
         "--tasks", nargs="+", default=["contrast", "mri-brain"], choices=["contrast", "mri-brain"]
     )
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
-    args = parse_tasks(parser)
+    args = parser.parse_args()
+    need_mricron(args.tasks)
     common = ["method.name=prn", "model.encoder_depth=4", "model.decoder_channels=[64,32,16,16]",
               f"method.prn.base_epochs={args.base_epochs}", f"train.epochs={args.epochs}",
               "train.batch_size=16", f"train.steps_per_epoch={args.steps}",

@@ -16,7 +16,7 @@ Same two networks, data, schedule and seeds in every variant; only the method ch
   discriminator can.
 
 Tasks: the built-in `multiclass` set, and the MRI lobes task (mricron-data ch2 + AAL grouped
-into 7 lobes) when mricron-data is installed; `--tasks ambiguous` adds the built-in set whose
+into 7 lobes; needs mricron-data); `--tasks ambiguous` adds the built-in set whose
 classes differ only in a mean colour under pixel noise (pseudo-labels far noisier than on
 multiclass: cps gains 6 points over supervised there, 3 seeds; rrn at 0.8 / 0.9 stays 0.2 /
 0.6 below cps on validation, its discriminator's kept regions 97.8 % right, dropped 80-87 %;
@@ -70,7 +70,7 @@ from common import (
     check,
     finite_mean,
     make_mri_lobes,
-    parse_tasks,
+    need_mricron,
     report,
 )
 
@@ -80,6 +80,7 @@ from raysegbg.inference import evaluate_run
 from raysegbg.local import train_local
 
 KEPT = ("rrn/kept_acc", "rrn/dropped_acc", "rrn/kept_share")
+BUILT_IN = ("multiclass", "ambiguous", "contexts")  # the built-in sets among --tasks
 
 
 def train_and_score(overrides: list[str], seed: int, root: Path) -> dict:
@@ -136,7 +137,7 @@ def main() -> None:
         "--tasks",
         nargs="+",
         default=["multiclass", "mri-lobes"],
-        choices=["multiclass", "ambiguous", "contexts", "mri-lobes"],
+        choices=[*BUILT_IN, "mri-lobes"],
     )
     parser.add_argument(
         "--oracle",
@@ -145,7 +146,8 @@ def main() -> None:
     )
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     parser.add_argument("--probe", action="store_true", help=PROBE_HELP)
-    args = parse_tasks(parser)
+    args = parser.parse_args()
+    need_mricron(args.tasks)
     common = ["method.name=rrn", f"method.rrn.labeled_fraction={args.labeled}",
               "model.encoder_depth=3", "model.decoder_channels=[32,16,8]", "optim.lr=3e-3",
               f"train.epochs={args.epochs}", "train.batch_size=8",
@@ -161,7 +163,7 @@ def main() -> None:
     goals, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tasks = {}
-        for name in ("multiclass", "ambiguous", "contexts"):
+        for name in BUILT_IN:
             if name in args.tasks:
                 make_dataset(name, Path(tmp) / name, n=args.n, size=args.size, seed=0)
                 tasks[name] = Path(tmp) / name

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MRICRON, check, make_mri_brain, report
+from common import check, make_mri_brain, need_mricron, report
 
 from raysegbg.config import load_config
 from raysegbg.data.synthetic import make_dataset
@@ -50,15 +50,13 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--task", choices=["contrast", "mri-brain"], default="contrast")
     args = parser.parse_args()
+    need_mricron([args.task])
     scores: dict[tuple[float, bool], dict[str, list[float]]] = {
         v: {"miou": [], "fg_dice": []} for v in VARIANTS
     }
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         if args.task == "mri-brain":
-            if not (MRICRON / "ch2bet.nii.gz").is_file():
-                print("mri-brain needs mricron-data (apt-get install mricron-data)")
-                return 1
             make_mri_brain(data, args.size)
         else:
             make_dataset("varying_contrast", data, n=args.n, size=args.size, seed=0)
