@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from raysegbg.config import load_config
@@ -47,13 +48,35 @@ def aal_lobe_map() -> tuple[dict[int, int], list[str]]:
     return mapping, ["background", *LOBES]
 
 
-def make_mri_lobes(out: Path, size: int = 64) -> Path:
+def make_mri_lobes(out: Path, size: int = 64, silhouette: bool = False) -> Path:
+    """mricron's ch2 head MRI sliced into 2-D images, with the AAL atlas grouped into lobes
+    (`silhouette`: the image is the head's filled outline instead, the same slices, ids and
+    splits: nothing inside the head, so no lobe, is visible)."""
     from raysegbg.data.nifti import import_nifti
 
     mapping, _ = aal_lobe_map()
-    pairs = [(MRICRON / "ch2.nii.gz", MRICRON / "aal.nii.gz")]
-    import_nifti(pairs, out, label_map=mapping, size=(size, size), slab=8, min_foreground=0.02,
-                 name="ch2_aal_lobes")  # fmt: skip
+    image = MRICRON / "ch2.nii.gz"
+    if silhouette:
+        image = head_silhouette(image, out.parent / f"{out.name}-silhouette" / image.name)
+    import_nifti([(image, MRICRON / "aal.nii.gz")], out, label_map=mapping, size=(size, size),
+                 slab=8, min_foreground=0.02, name="ch2_aal_lobes")  # fmt: skip
+    return out
+
+
+def head_silhouette(volume: Path, out: Path) -> Path:
+    """A volume of the head's outline: per axial slice and row, 1 from the first to the last
+    voxel brighter than the tissue cut (half the 60th intensity percentile), 0 elsewhere."""
+    import nibabel as nib
+
+    source = nib.load(volume)
+    x = np.asarray(source.dataobj, dtype=np.float32)
+    head = x > 0.5 * np.percentile(x, 60)
+    index = np.arange(x.shape[1])[None, :, None]
+    first = np.where(head, index, x.shape[1]).min(1, keepdims=True)
+    last = np.where(head, index, -1).max(1, keepdims=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    filled = ((index >= first) & (index <= last)).astype(np.float32)
+    nib.save(nib.Nifti1Image(filled, source.affine), out)
     return out
 
 

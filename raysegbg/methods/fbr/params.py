@@ -37,8 +37,9 @@ class FbrParams:
     bank_size: int = param(4096, "NROIs kept in the memory bank (a ring buffer)")
     temperature: float = param(0.5, "temperature of both contrastive losses")
     nroi_weight: float = param(
-        0.2, "weight of the pixel-to-NROI contrast (0.2: best mean validation mIoU of 0.05, "
-        "0.2, 0.5 over 3 seeds, benchmarks/method_fbr.py); 0: off",
+        0.2, "weight of the pixel-to-NROI contrast (0.2: the best mean validation mIoU over "
+        "contexts and mri-brain, 3 seeds each, of 0.2 and 0.5, benchmarks/method_fbr.py; "
+        "contexts alone prefers 0.5 within one std, mri-brain 0.2 by 10 points); 0: off",
     )  # fmt: skip
     intra_weight: float = param(0.1, "weight of the intra-foreground contrast; 0: off")
     bg_weight: float = param(0.1, "weight of the background head's loss")
