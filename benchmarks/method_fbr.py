@@ -75,6 +75,7 @@ from raysegbg.inference import evaluate_run
 from raysegbg.local import train_local
 from raysegbg.state.store import PseudoLabelStore
 
+TASKS = ("contexts", "mri-brain", "mri-lobes")
 OUTLINE_MARGIN = 5.0  # F1 points: within this, the labels are found from the outline alone
 VARIANTS = {
     "cam": ["method.fbr.nroi_weight=0", "method.fbr.intra_weight=0"],
@@ -149,12 +150,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="steps per epoch")
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--n", type=int, default=600, help="images of the built-in set")
-    parser.add_argument(
-        "--tasks",
-        nargs="+",
-        default=["contexts", "mri-brain", "mri-lobes"],
-        choices=["contexts", "mri-brain", "mri-lobes"],
-    )
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     parser.add_argument(
         "--grid",
@@ -257,7 +253,7 @@ def main() -> None:
             f"{'val mIoU':>15}{'test mIoU':>15}   CAM threshold per seed   "
             "setting (chosen on val)")  # fmt: skip
     print(head + "\n" + "-" * len(head) + "\n" + "\n".join(lines))
-    sys.exit(report(goals, [*notes, PROBE_LINE] if args.probe else notes))
+    sys.exit(report(goals, [PROBE_LINE] if args.probe else notes))
 
 
 if __name__ == "__main__":

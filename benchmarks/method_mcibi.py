@@ -33,6 +33,8 @@ from common import (
 
 from raysegbg.data.synthetic import make_dataset
 
+TASKS = ("ambiguous", "mri-lobes")
+
 
 def goals(rows: Rows) -> int:
     """Print the goal's line per task and the control's; return the exit code."""
@@ -55,9 +57,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
-    parser.add_argument(
-        "--tasks", nargs="+", default=["ambiguous", "mri-lobes"], choices=["ambiguous", "mri-lobes"]
-    )
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--variants", nargs="+", default=["baseline", "mcibi", "mcibi-frozen"])
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     args = parser.parse_args()

@@ -40,6 +40,7 @@ from raysegbg.local import train_local
 from raysegbg.methods.patch_thresholds import foreground_iou, patch_pseudo_labels, threshold_grid
 from raysegbg.methods.prn.labels import head_name
 
+TASKS = ("contrast", "mri-brain")
 GT_ONLY = "refiner (GT only)"
 VARIANTS = ["base", GT_ONLY, "PRN", "oracle"]
 
@@ -111,9 +112,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--n", type=int, default=600, help="images in the synthetic set")
-    parser.add_argument(
-        "--tasks", nargs="+", default=["contrast", "mri-brain"], choices=["contrast", "mri-brain"]
-    )
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     args = parser.parse_args()
     need_mricron(args.tasks)
